@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny embedded corpus (generated once per session) and HW3P2 layout replicas."""
+from __future__ import annotations
+
+import csv
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctclab import corpus
+from ctclab.labels import PHONEMES
+
+TINY = {"train": 16, "dev": 4, "test": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "raw"
+    corpus.generate(out, seed=7, sizes=TINY, min_words=2, max_words=4, workers=1, progress=False)
+    return out
+
+
+def _utterance(rng, dim: int) -> tuple[np.ndarray, list[str]]:
+    n_labels = int(rng.integers(3, 9))
+    frames = rng.standard_normal((n_labels * 6, dim)).astype(np.float32) * 5 + 3
+    labels = ["SIL"] + [str(p) for p in rng.choice(PHONEMES[2:], n_labels - 2)] + ["SIL"]
+    return frames, labels
+
+
+def make_spring2022(root: Path, dim: int = 13, n: int = 6, seed: int = 0) -> Path:
+    """Replica of the Spring 2022 archive: hw3p2_student_data/hw3p2_student_data/{train,dev,test},
+    transcripts wrapped in <sos>/<eos>, test/test_order.csv in a non-sorted order."""
+    rng = np.random.default_rng(seed)
+    base = root / "hw3p2_student_data" / "hw3p2_student_data"
+    for split in ("train", "dev", "test"):
+        (base / split / "mfcc").mkdir(parents=True)
+        if split != "test":
+            (base / split / "transcript").mkdir()
+        for i in range(n):
+            x, labels = _utterance(rng, dim)
+            np.save(base / split / "mfcc" / f"{split}_{i:04d}.npy", x)
+            if split != "test":
+                np.save(base / split / "transcript" / f"{split}_{i:04d}.npy", np.array(["<sos>", *labels, "<eos>"]))
+    order = [f"test_{i:04d}.npy" for i in rng.permutation(n)]
+    with open(base / "test" / "test_order.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file"])
+        w.writerows([o] for o in order)
+    return root
+
+
+def make_fall2022(root: Path, dim: int = 28, n: int = 6, seed: int = 1, raw_subdir: bool = True) -> Path:
+    """Replica of Fall 2022: train-clean-100/dev-clean/test-clean, [SOS]/[EOS] and [SIL],
+    transcripts under transcript/raw/."""
+    rng = np.random.default_rng(seed)
+    base = root / "11-785-f22-hw3p2"
+    for part in ("train-clean-100", "dev-clean", "test-clean"):
+        (base / part / "mfcc").mkdir(parents=True)
+        tdir = base / part / "transcript" / ("raw" if raw_subdir else "")
+        if part != "test-clean":
+            tdir.mkdir(parents=True)
+        for i in range(n):
+            x, labels = _utterance(rng, dim)
+            name = f"{1000 + 7 * (n - i)}-{i}.npy"
+            np.save(base / part / "mfcc" / name, x)
+            if part != "test-clean":
+                labels = ["[SIL]" if s == "SIL" else s for s in labels]
+                np.save(tdir / name, np.array(["[SOS]", *labels, "[EOS]"]))
+    return root
+
+
+def zip_folder(folder: Path, zip_path: Path) -> Path:
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            z.write(p, p.relative_to(folder))
+    return zip_path

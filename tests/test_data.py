@@ -1,0 +1,75 @@
+"""Preprocess: every bad-utterance check, the skip/fail policy, normalisation and shards."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import make_spring2022
+from ctclab.config import FeaturesConfig
+from ctclab.data import Shard, preprocess
+from ctclab.errors import CtclabError
+
+
+@pytest.fixture
+def s22(tmp_path):
+    return make_spring2022(tmp_path / "raw", n=8) / "hw3p2_student_data" / "hw3p2_student_data"
+
+
+def break_utterances(base):
+    """One broken utterance per check; returns the problem expected for each file name."""
+    t, m = base / "train" / "transcript", base / "train" / "mfcc"
+    np.save(m / "train_0000.npy", np.full((40, 13), np.nan, np.float32))
+    np.save(m / "train_0001.npy", np.zeros((40, 12), np.float32))
+    np.save(t / "train_0002.npy", np.array(["<sos>", "SIL", "QQ", "<eos>"]))
+    np.save(t / "train_0003.npy", np.array(["<sos>", "<eos>"]))
+    np.save(m / "train_0004.npy", np.zeros((2, 13), np.float32))
+    (t / "train_0005.npy").unlink()
+    shutil.copy(t / "train_0006.npy", t / "train_9999.npy")
+    (m / "train_0007.npy").write_bytes(b"not an npy file")
+    return {"train_0000.npy": "non-finite", "train_0001.npy": "feature dim 12, expected 13",
+            "train_0002.npy": "unknown symbols ['QQ']", "train_0003.npy": "no labels",
+            "train_0004.npy": "2 frames for", "train_0005.npy": "no matching transcript",
+            "train_9999.npy": "transcript has no matching mfcc", "train_0007.npy": "cannot be read"}
+
+
+def test_each_check_catches_its_problem_and_skip_keeps_the_rest(s22, tmp_path):
+    expected = break_utterances(s22)
+    meta = preprocess(s22.parents[1], tmp_path / "out", FeaturesConfig(on_bad="skip"))
+    report = json.loads((tmp_path / "out" / "bad_utterances.json").read_text())
+    found = {r["file"].rsplit("/", 1)[1]: r["problem"] for r in report}
+    assert set(found) == set(expected)
+    for name, problem in expected.items():
+        assert problem in found[name], (name, found[name])
+    assert meta["utterances"]["train"] == 1 and meta["bad_utterances"] == 8
+    assert Shard(tmp_path / "out" / "train").ids == ["train_0006"]
+
+
+def test_fail_policy_stops_with_one_line_and_still_writes_the_report(s22, tmp_path):
+    break_utterances(s22)
+    with pytest.raises(CtclabError, match=r"8 bad utterances in all") as err:
+        preprocess(s22.parents[1], tmp_path / "out", FeaturesConfig(on_bad="fail"))
+    assert "\n" not in str(err.value)
+    assert len(json.loads((tmp_path / "out" / "bad_utterances.json").read_text())) == 8
+    assert not (tmp_path / "out" / "train").exists()
+
+
+def test_global_normalisation_uses_train_statistics_only(s22, tmp_path):
+    meta = preprocess(s22.parents[1], tmp_path / "out", FeaturesConfig(normalize="global"))
+    train, dev = Shard(tmp_path / "out" / "train"), Shard(tmp_path / "out" / "dev")
+    np.testing.assert_allclose(np.asarray(train.features).mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(train.features).std(0), 1, atol=1e-3)
+    raw_dev = np.load(s22 / "dev" / "mfcc" / f"{dev.ids[0]}.npy")
+    mean, std = np.array(meta["global_stats"]["mean"]), np.array(meta["global_stats"]["std"])
+    np.testing.assert_allclose(dev.item(0)[0], (raw_dev - mean) / std, atol=1e-4)
+
+
+def test_shards_round_trip_and_hash_is_stable(tiny_corpus, tmp_path):
+    a = preprocess(tiny_corpus, tmp_path / "a", FeaturesConfig(normalize="none"))
+    b = preprocess(tiny_corpus, tmp_path / "b", FeaturesConfig(normalize="none"))
+    assert a["data_hash"] == b["data_hash"] and a["layout"] == "ctclab"
+    shard = Shard(tmp_path / "a" / "dev")
+    x, _ = shard.item(len(shard) - 1)
+    np.testing.assert_array_equal(x, np.load(tiny_corpus / "dev" / "mfcc" / f"{shard.ids[-1]}.npy"))
+    c = preprocess(tiny_corpus, tmp_path / "c", FeaturesConfig(normalize="utterance"))
+    assert c["data_hash"] != a["data_hash"]
