@@ -78,16 +78,19 @@ def summary(root: Path, times: dict[str, float | None], total: float) -> str:
     for stage, seconds in times.items():
         lines.append(f"stage      {stage:<11} {'cached' if seconds is None else f'{seconds:6.1f} s'}")
     train = _read_json(root / "metrics/train.json")
+    run = _read_json(root / "models/mlflow_run.json") or {}
     if train:
         lines.append(f"train      dev greedy Levenshtein {train['dev_lev_greedy']:.3f}, PER {train['dev_per']:.1%} "
-                     f"after {train['epochs']} epochs; MLflow run {train.get('mlflow_run_id', '?')}")
+                     f"(best of {train['epochs']} epochs); MLflow run {run.get('run_id', '?')}")
     ev = _read_json(root / "metrics/eval.json")
     if ev:
         lines.append(f"evaluate   dev Levenshtein greedy {ev['dev_lev_greedy']:.3f}, beam({ev['beam_width']}) "
                      f"{ev['dev_lev_beam']:.3f}, PER {ev['dev_per']:.1%}")
-    sub = root / "submission/submission.csv"
-    if sub.is_file():
-        lines.append(f"submission {sub.relative_to(root)}")
+    sub, sub_metrics = root / "submission/submission.csv", _read_json(root / "metrics/submit.json")
+    if sub.is_file() and sub_metrics:
+        scored = (f"; test Levenshtein {sub_metrics['test_lev_beam']:.3f}, PER {sub_metrics['test_per']:.1%}"
+                  if "test_lev_beam" in sub_metrics else "")
+        lines.append(f"submission {sub.relative_to(root)} ({sub_metrics['rows']} rows){scored}")
     lines.append(f"total      {total:.1f} s")
     return "\n".join(lines)
 

@@ -71,8 +71,8 @@ class SpecAugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
+    epochs: int = 15
+    batch_size: int = 16
     lr: float = 2e-3
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
@@ -81,7 +81,6 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: Literal["auto", "never"] = "auto"
-    max_minutes: float = 0.0
     specaugment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
 
 

@@ -1,0 +1,19 @@
+"""DVC stage `evaluate` (params: decode.*): decode dev with the best checkpoint, greedy and beam;
+write metrics/eval.json; log scores, decode speed and the worst utterances into the training's run.
+
+    python pipeline/evaluate.py      # or: dvc repro evaluate
+"""
+from ctclab.config import load_params
+from ctclab.errors import one_line_errors
+from ctclab.evaluate import evaluate
+
+
+@one_line_errors
+def main() -> None:
+    r = evaluate(load_params().decode)
+    print(f"evaluate: dev Levenshtein greedy {r['dev_lev_greedy']:.3f}, beam({r['beam_width']}) "
+          f"{r['dev_lev_beam']:.3f}, PER {r['dev_per']:.1%}")
+
+
+if __name__ == "__main__":
+    main()

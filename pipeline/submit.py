@@ -1,0 +1,20 @@
+"""DVC stage `submit` (params: decode.*, submit.*, data.competition): decode test in the
+competition's order, write submission/submission.csv in its format, optionally upload it.
+
+    python pipeline/submit.py      # or: dvc repro submit
+"""
+from ctclab.config import load_params
+from ctclab.errors import one_line_errors
+from ctclab.evaluate import submit
+
+
+@one_line_errors
+def main() -> None:
+    p = load_params()
+    r = submit(p.decode, p.submit.upload, p.data.competition)
+    extra = f"; test Levenshtein {r['test_lev_beam']:.3f}, PER {r['test_per']:.1%}" if "test_lev_beam" in r else ""
+    print(f"submit: {r['rows']} rows ({r['format']} format) in submission/submission.csv{extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""ctclab: a reproducibility harness for CTC phoneme-recognition experiments."""

@@ -1,0 +1,4 @@
+"""`python -m ctclab` is the `ctclab` command."""
+from .cli import main
+
+main()

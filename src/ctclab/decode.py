@@ -1,0 +1,70 @@
+"""CTC decoding (pure: tensors and arrays in, label sequences out).
+
+Greedy is vectorised in torch. Beam search is CTC prefix beam search from `fast-ctc-decode`
+(Rust; measured identical to ctcdecode's output at beam 1–100 and faster): it takes
+probabilities, blank first, and returns a string, so labels travel as one character each. It
+holds the GIL, so `workers > 1` parallelises across utterances with processes.
+
+Decoders share one interface — `decode(log_probs [B, T, C], lengths [B]) -> list[list[int]]` —
+so another backend (ctcdecode, flashlight-text with a phoneme LM) can be added beside these.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+
+from .labels import BLANK, NUM_CLASSES
+
+# Private-use code points: one character per class, blank first, never clashing with anything.
+_ALPHABET = [chr(0xE000 + i) for i in range(NUM_CLASSES)]
+_CHAR_TO_INDEX = {c: i for i, c in enumerate(_ALPHABET)}
+
+
+def greedy(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Best path: argmax per frame, collapse repeats, drop blanks."""
+    best = log_probs.argmax(-1)  # [B, T]
+    T = best.shape[1]
+    valid = torch.arange(T, device=best.device)[None, :] < lengths.to(best.device)[:, None]
+    changed = torch.ones_like(best, dtype=torch.bool)
+    changed[:, 1:] = best[:, 1:] != best[:, :-1]
+    keep = valid & changed & (best != BLANK)
+    best, keep = best.cpu(), keep.cpu()
+    return [best[i][keep[i]].tolist() for i in range(best.shape[0])]
+
+
+def _beam_one(args) -> list[int]:
+    from fast_ctc_decode import beam_search
+
+    probs, beam_width = args
+    if len(probs) == 0:
+        return []
+    text, _ = beam_search(probs, _ALPHABET, beam_size=beam_width, beam_cut_threshold=0.0)
+    return [_CHAR_TO_INDEX[c] for c in text]
+
+
+class BeamDecoder:
+    """CTC prefix beam search via fast-ctc-decode; reuse one instance to keep its worker pool."""
+
+    def __init__(self, beam_width: int, workers: int = 1):
+        self.beam_width, self.workers = beam_width, workers
+        self._pool = ProcessPoolExecutor(workers) if workers > 1 else None
+
+    def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        probs = log_probs.detach().float().exp().cpu().numpy()
+        jobs = [(np.ascontiguousarray(probs[i, : int(n)], dtype=np.float32), self.beam_width)
+                for i, n in enumerate(lengths.tolist())]
+        if self._pool is None:
+            return [_beam_one(j) for j in jobs]
+        return list(self._pool.map(_beam_one, jobs, chunksize=max(1, len(jobs) // (4 * self.workers))))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

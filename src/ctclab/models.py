@@ -1,0 +1,170 @@
+"""The write-up's CTC acoustic models (pure torch modules: no files, no tracking).
+
+    lstm       A1: conv embedding → BiLSTM → Linear(2h, classes)
+    convnext   A2: conv stem → residual 1-D ConvNeXt stages (depthwise 7-tap, inverted bottleneck)
+    conv_lstm  A3: Conv1d(stride) + BatchNorm + GELU + ConvNeXt block(s) + dropout → BiLSTM →
+               Linear(2h, 4h) + GELU + Linear(4h, classes)
+
+Every model maps features [B, T, D] and lengths [B] to log-probabilities [B, T', classes] and
+output lengths; `downsample` says T/T'. Ablation knobs: dropout.embedding (after the front end),
+dropout.lstm (between LSTM layers), dropout.classifier (before the last Linear), kaiming.
+
+The BiLSTM runs packed on CUDA (cuDNN) and unpacked on the CPU, where backward through packed
+sequences is 10–70× slower; both paths use the same weights and give the same outputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .config import DropoutConfig, ModelConfig
+from .labels import NUM_CLASSES
+
+
+class ConvNeXtBlock1d(nn.Module):
+    """Depthwise 7-tap conv → LayerNorm → Linear(d, 4d) → GELU → Linear(4d, d), plus the input."""
+
+    def __init__(self, dim: int, kernel: int = 7, expansion: int = 4):
+        super().__init__()
+        self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.expand = nn.Linear(dim, expansion * dim)
+        self.act = nn.GELU()
+        self.project = nn.Linear(expansion * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, T]
+        y = self.depthwise(x).transpose(1, 2)
+        y = self.project(self.act(self.expand(self.norm(y))))
+        return x + y.transpose(1, 2)
+
+
+class ConvFrontEnd(nn.Module):
+    """Strided Conv1d + BatchNorm + GELU layers (one per factor 2 of `stride`), then ConvNeXt blocks."""
+
+    def __init__(self, in_dim: int, dim: int, stride: int, blocks: int, dropout: float):
+        super().__init__()
+        n_strided = int(math.log2(stride))
+        layers, d = [], in_dim
+        for i in range(max(1, n_strided)):
+            layers += [nn.Conv1d(d, dim, 3, stride=2 if i < n_strided else 1, padding=1), nn.BatchNorm1d(dim), nn.GELU()]
+            d = dim
+        layers += [ConvNeXtBlock1d(dim) for _ in range(blocks)]
+        self.layers = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for m in self.layers:
+            if isinstance(m, nn.Conv1d) and m.stride[0] > 1:
+                lengths = (lengths + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
+        return lengths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] → [B, T', dim]
+        return self.dropout(self.layers(x.transpose(1, 2)).transpose(1, 2))
+
+
+class BiLSTM(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True,
+                            dropout=dropout if layers > 1 else 0.0)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.lstm(packed)
+            return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+        return self.forward_unpacked(x, lengths)
+
+    def forward_unpacked(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Each direction of each layer as its own single-layer LSTM over the padded batch; the
+        backward direction reads each sequence reversed within its own length."""
+        lstm, (B, T, _) = self.lstm, x.shape
+        steps = torch.arange(T, device=x.device).expand(B, T)
+        valid = steps < lengths.to(x.device)[:, None]
+        reverse = torch.where(valid, lengths.to(x.device)[:, None] - 1 - steps, steps)
+        rev_index = reverse[:, :, None]
+        for layer in range(lstm.num_layers):
+            outs = []
+            for suffix, flip in (("", False), ("_reverse", True)):
+                weights = [getattr(lstm, f"{n}_l{layer}{suffix}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                inp = x.gather(1, rev_index.expand(-1, -1, x.shape[2])) if flip else x
+                zeros = x.new_zeros(1, B, lstm.hidden_size)
+                out = torch.lstm(inp, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)[0]
+                outs.append(out.gather(1, rev_index.expand(-1, -1, out.shape[2])) if flip else out)
+            x = torch.cat(outs, dim=2)
+            if layer < lstm.num_layers - 1 and lstm.dropout > 0:
+                x = nn.functional.dropout(x, lstm.dropout, self.training)
+        return x * valid[:, :, None]
+
+
+class CTCModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, input_dim: int, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.config, self.input_dim, self.num_classes = cfg, input_dim, num_classes
+        d, h = cfg.dropout, cfg.hidden
+        blocks = cfg.convnext_blocks if cfg.arch == "conv_lstm" else 0
+        self.front = ConvFrontEnd(input_dim, cfg.embed_dim, cfg.stride, blocks, d.embedding)
+        if cfg.arch == "convnext":
+            # A2: as many residual stages as the LSTM models have layers, at the BiLSTM's output
+            # width (2h), so the three architectures compare at similar parameter counts.
+            stages = [nn.Conv1d(cfg.embed_dim, 2 * h, 1)]
+            for _ in range(cfg.lstm_layers):
+                stages += [ConvNeXtBlock1d(2 * h) for _ in range(max(1, cfg.convnext_blocks))]
+            self.body = nn.Sequential(*stages)
+            head_in = 2 * h
+        else:
+            self.body = BiLSTM(cfg.embed_dim, h, cfg.lstm_layers, d.lstm)
+            head_in = 2 * h
+        drop = nn.Dropout(d.classifier) if d.classifier > 0 else nn.Identity()
+        if cfg.arch == "conv_lstm":
+            self.head = nn.Sequential(nn.Linear(head_in, 4 * h), nn.GELU(), drop, nn.Linear(4 * h, num_classes))
+        else:
+            self.head = nn.Sequential(drop, nn.Linear(head_in, num_classes))
+        if cfg.kaiming:
+            self.apply(_kaiming)
+
+    @property
+    def downsample(self) -> int:
+        return self.config.stride
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.front.output_lengths(lengths)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_lengths = self.output_lengths(lengths)
+        h = self.front(x)
+        if isinstance(self.body, BiLSTM):
+            h = self.body(h, out_lengths)
+        else:
+            h = self.body(h.transpose(1, 2)).transpose(1, 2)
+        logits = self.head(h)
+        return torch.log_softmax(logits.float(), dim=-1), out_lengths
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild this module (stored in checkpoints)."""
+        return {"config": asdict(self.config), "input_dim": self.input_dim, "num_classes": self.num_classes}
+
+
+def _kaiming(m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv1d, nn.Linear)):
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def build(cfg: ModelConfig, input_dim: int, num_classes: int = NUM_CLASSES) -> CTCModel:
+    return CTCModel(cfg, input_dim, num_classes)
+
+
+def from_spec(spec: dict) -> CTCModel:
+    c = dict(spec["config"])
+    c["dropout"] = DropoutConfig(**c["dropout"])
+    return CTCModel(ModelConfig(**c), spec["input_dim"], spec["num_classes"])
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

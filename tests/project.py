@@ -1,0 +1,59 @@
+"""A throwaway copy of the ctclab project (pipeline, dvc.yaml, src) with tiny params, for tests
+that run the real stages through DVC or as subprocesses."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PARAMS = {
+    "data": {"synthetic": {"seed": 5, "train": 16, "dev": 4, "test": 4, "min_words": 2, "max_words": 4, "workers": 1}},
+    "model": {"hidden": 16, "embed_dim": 16, "lstm_layers": 1},
+    "train": {"epochs": 2, "batch_size": 4},
+    "decode": {"beam_width": 4},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def make_project(dest: Path, overrides: dict | None = None, git: bool = True) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, dest / name)
+    for folder in ("pipeline", "src"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), merge(TINY_PARAMS, overrides or {}))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if git:
+        run(dest, "git", "init", "-q")
+        run(dest, sys.executable, "-m", "dvc", "init", "-q")
+        run(dest, sys.executable, "-m", "dvc", "config", "core.analytics", "false")
+    return dest
+
+
+def env(extra: dict | None = None) -> dict:
+    e = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    e.pop("MLFLOW_TRACKING_URI", None)
+    return {**e, **(extra or {})}
+
+
+def run(cwd: Path, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(cmd), cwd=cwd, env=env(kw.pop("env", None)), capture_output=True, text=True, **kw)
+    if check and r.returncode:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def stage(cwd: Path, name: str, **kw) -> subprocess.CompletedProcess:
+    return run(cwd, sys.executable, f"pipeline/{name}.py", **kw)

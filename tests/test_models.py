@@ -1,0 +1,113 @@
+"""A1/A2/A3 shapes, lengths, learning on a fixed batch, and every ablation knob."""
+import dataclasses as dc
+
+import pytest
+import torch
+from torch import nn
+
+from ctclab.config import DropoutConfig, ModelConfig
+from ctclab.models import BiLSTM, build, from_spec
+from ctclab.train import ctc_min_frames
+
+TINY = ModelConfig(hidden=24, embed_dim=16, lstm_layers=2, stride=2)
+ARCHS = ("lstm", "convnext", "conv_lstm")
+
+
+def fixed_batch(dim=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([60, 48, 37, 30])
+    x = torch.randn(4, 60, dim, generator=g)
+    targets = [torch.randint(2, 41, (n,), generator=g) for n in (9, 7, 6, 5)]
+    return x, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_shapes_and_output_lengths(arch, stride):
+    model = build(dc.replace(TINY, arch=arch, stride=stride), input_dim=28).eval()
+    x, lengths = torch.randn(3, 41, 28), torch.tensor([41, 20, 5])
+    log_probs, out_lengths = model(x, lengths)
+    assert log_probs.shape[0] == 3 and log_probs.shape[2] == 41
+    assert log_probs.shape[1] == out_lengths.max()
+    assert out_lengths.tolist() == [-(-n // stride) for n in (41, 20, 5)] and model.downsample == stride
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(3, log_probs.shape[1]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_decreases_on_a_fixed_batch(arch):
+    torch.manual_seed(0)
+    model = build(dc.replace(TINY, arch=arch, dropout=DropoutConfig(0, 0, 0)), input_dim=13)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, lengths, targets, target_lengths = fixed_batch()
+    ctc = nn.CTCLoss(blank=0)
+    losses = []
+    for _ in range(25):
+        log_probs, out_lengths = model(x, lengths)
+        loss = ctc(log_probs.transpose(0, 1), targets, out_lengths, target_lengths)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_unpacked_cpu_bilstm_equals_packed():
+    torch.manual_seed(1)
+    lstm = BiLSTM(8, 16, layers=3, dropout=0.3).eval()
+    x, lengths = torch.randn(5, 23, 8), torch.tensor([23, 17, 9, 2, 1])
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    reference = nn.utils.rnn.pad_packed_sequence(lstm.lstm(packed)[0], batch_first=True, total_length=23)[0]
+    torch.testing.assert_close(lstm.forward_unpacked(x, lengths), reference, atol=1e-6, rtol=1e-5)
+
+
+def count(model, kind):
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def test_dropout_placement_knobs_change_the_module():
+    none = build(dc.replace(TINY, dropout=DropoutConfig(0, 0, 0)), 13)
+    assert count(none, nn.Dropout) == 0 and none.body.lstm.dropout == 0
+    emb = build(dc.replace(TINY, dropout=DropoutConfig(0.3, 0, 0)), 13)
+    assert isinstance(emb.front.dropout, nn.Dropout) and emb.front.dropout.p == 0.3 and count(emb, nn.Dropout) == 1
+    lstm = build(dc.replace(TINY, dropout=DropoutConfig(0, 0.4, 0)), 13)
+    assert lstm.body.lstm.dropout == 0.4 and count(lstm, nn.Dropout) == 0
+    cls = build(dc.replace(TINY, dropout=DropoutConfig(0, 0, 0.2)), 13)
+    assert [type(m) for m in cls.head][2] is nn.Dropout and count(cls, nn.Dropout) == 1
+
+
+def test_lstm_dropout_changes_training_outputs_only_between_layers():
+    x, lengths = torch.randn(2, 30, 13), torch.tensor([30, 21])
+    torch.manual_seed(0)
+    model = build(dc.replace(TINY, dropout=DropoutConfig(0, 0.5, 0)), 13).train()
+    a, _ = model(x, lengths)
+    b, _ = model(x, lengths)
+    assert not torch.allclose(a, b)  # dropout active in training
+    model.eval()
+    torch.testing.assert_close(model(x, lengths)[0], model(x, lengths)[0])
+
+
+def test_kaiming_knob_changes_initial_statistics():
+    torch.manual_seed(0)
+    on = build(dc.replace(TINY, kaiming=True), 13)
+    torch.manual_seed(0)
+    off = build(dc.replace(TINY, kaiming=False), 13)
+    w_on, w_off = on.head[0].weight, off.head[0].weight  # Linear(2h, 4h)
+    fan_in = w_on.shape[1]
+    assert abs(w_on.std().item() - (2 / fan_in) ** 0.5) < 0.15 * (2 / fan_in) ** 0.5
+    assert abs(w_off.std().item() - (1 / (3 * fan_in)) ** 0.5) < 0.15 * (1 / (3 * fan_in)) ** 0.5
+    assert on.head[0].bias.abs().sum() == 0 and off.head[0].bias.abs().sum() > 0
+    # LSTM weights keep PyTorch's init either way
+    torch.testing.assert_close(on.body.lstm.weight_hh_l0, off.body.lstm.weight_hh_l0)
+
+
+def test_spec_rebuilds_the_same_module():
+    model = build(dc.replace(TINY, arch="convnext"), 28)
+    clone = from_spec(model.spec())
+    clone.load_state_dict(model.state_dict())
+    assert clone.config == model.config and clone.input_dim == 28
+
+
+def test_ctc_min_frames_counts_repeats():
+    import numpy as np
+    assert ctc_min_frames(np.array([3, 3, 4, 4, 4, 5])) == 9
+    assert ctc_min_frames(np.array([1, 2, 3])) == 3

@@ -1,0 +1,59 @@
+"""The whole DVC pipeline on a tiny embedded corpus, in a throwaway project copy."""
+import csv
+import json
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from project import make_project, run
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    first = run(project, sys.executable, "-m", "ctclab", "run")
+    return project, first
+
+
+def test_make_run_goes_fetch_to_submit_and_prints_the_summary(repro):
+    project, first = repro
+    for stage in ("fetch", "preprocess", "train", "evaluate", "submit"):
+        assert f"Running stage '{stage}'" in first.stdout
+    summary = first.stdout.split("ctclab summary")[1]
+    assert "16 train, 4 dev, 4 test utterances" in summary
+    assert "dev Levenshtein greedy" in summary and "beam(4)" in summary and "PER" in summary
+    assert "submission/submission.csv (4 rows)" in summary
+    ev = json.loads((project / "metrics/eval.json").read_text())
+    assert set(ev) == {"dev_lev_greedy", "dev_lev_beam", "dev_per", "dev_per_greedy", "beam_width"}
+    rows = list(csv.reader(open(project / "submission/submission.csv")))
+    assert rows[0] == ["id", "predictions"] and [r[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+    # evaluate and submit logged into the training's run
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    r = mlflow.get_run(run_id)
+    assert "eval_dev_lev_beam" in r.data.metrics and "decode_beam_utterances_per_second" in r.data.metrics
+    assert r.data.tags["decode.beam_width"] == "4"
+    paths = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "submission")}
+    assert paths == {"submission/submission.csv"}
+
+
+def test_second_repro_is_a_no_op(repro):
+    project, _ = repro
+    out = run(project, sys.executable, "-m", "dvc", "repro").stdout
+    assert "Running stage" not in out and "Data and pipelines are up to date" in out
+
+
+def test_changing_only_beam_width_reruns_evaluate_and_submit_but_not_train(repro):
+    project, _ = repro
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["decode"]["beam_width"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = run(project, sys.executable, "-m", "dvc", "status").stdout
+    changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert changed == {"evaluate", "submit"}, status
+    out = run(project, sys.executable, "-m", "dvc", "repro").stdout
+    assert "Stage 'train' didn't change, skipping" in out
+    assert "Running stage 'evaluate'" in out and "Running stage 'submit'" in out
+    assert json.loads((project / "metrics/eval.json").read_text())["beam_width"] == 2

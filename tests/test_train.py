@@ -1,0 +1,133 @@
+"""Training: each architecture end to end, MLflow records, determinism, kill-and-resume."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from ctclab.config import load_params
+from ctclab.data import preprocess
+from ctclab.train import RESUME_DIR, bucket_batches, load_checkpoint, train
+from project import env, make_project
+
+import numpy as np
+
+
+@pytest.fixture(scope="module")
+def processed(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("processed")
+    preprocess(tiny_corpus, out, load_params().features)
+    return out
+
+
+def project_with_data(tmp_path, processed, overrides=None):
+    project = make_project(tmp_path, overrides, git=False)
+    import shutil
+    shutil.copytree(processed, project / "data" / "processed")
+    return project
+
+
+def run_train(project, processed=None):
+    return train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
+                 project / "metrics", root=project, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "convnext", "conv_lstm"])
+def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, arch):
+    project = project_with_data(tmp_path, processed, {"model": {"arch": arch}, "train": {"epochs": 1}})
+    result = run_train(project)
+    assert (project / "models/best.pt").is_file() and (project / "models/last.pt").is_file()
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["dev_per"] >= 0 and metrics["parameters"] > 0
+    ckpt = load_checkpoint(project / "models/last.pt")
+    assert ckpt["model_spec"]["config"]["arch"] == arch and ckpt["epoch"] == 1
+    assert {"optimizer", "scheduler", "scaler", "rng", "best", "history"} <= set(ckpt)
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ctclab"], output_format="list")
+    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
+    run = runs[0]
+    assert run.data.params["model.arch"] == arch and run.data.params["train.batch_size"] == "4"
+    assert "data.synthetic.seed" in run.data.params and "model.dropout.lstm" in run.data.params
+    for m in ("train_loss", "dev_loss", "dev_lev_greedy", "lr", "epoch_seconds", "utterances_per_second"):
+        assert m in run.data.metrics
+    tags = run.data.tags
+    assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
+    assert tags["data_hash"] == json.loads((project / "data/processed/meta.json").read_text())["data_hash"]
+    assert {"git_commit", "git_dirty", "cudnn_version", "cuda_version", "host"} <= set(tags)
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    assert client.list_artifacts(run.info.run_id, "environment")[0].path == "environment/pip-freeze.txt"
+    assert (project / "mlartifacts").is_dir()  # artifacts land beside the store, not in the cwd
+    history = client.get_metric_history(run.info.run_id, "dev_lev_greedy")
+    assert [h.step for h in history] == [1]
+
+
+def test_bucketed_batches_are_reproducible_and_cover_everything():
+    lengths = np.random.default_rng(0).integers(50, 500, 103)
+    a, b = bucket_batches(lengths, 8, seed=1, epoch=3), bucket_batches(lengths, 8, seed=1, epoch=3)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert sorted(np.concatenate(a).tolist()) == list(range(103))
+    assert not all((x == y).all() for x, y in zip(a, bucket_batches(lengths, 8, seed=1, epoch=4)))
+    spread = np.mean([np.ptp(lengths[x]) for x in a])
+    assert spread < 0.25 * np.ptp(lengths)  # similar lengths share a batch
+
+
+def state(project):
+    return load_checkpoint(project / "models/last.pt")["model"]
+
+
+def test_rerun_is_bit_identical_on_cpu(tmp_path, processed):
+    over = {"train": {"epochs": 2, "specaugment": {"time_masks": 2, "freq_masks": 1}}}
+    a = project_with_data(tmp_path / "a", processed, over)
+    b = project_with_data(tmp_path / "b", processed, over)
+    run_train(a), run_train(b)
+    assert (a / "metrics/train.json").read_bytes() == (b / "metrics/train.json").read_bytes()
+    assert (a / "metrics/train_history.csv").read_bytes() == (b / "metrics/train_history.csv").read_bytes()
+    sa, sb = state(a), state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_killed_training_resumes_to_the_same_weights_in_the_same_run(tmp_path, processed):
+    over = {"train": {"epochs": 6, "specaugment": {"time_masks": 1}}, "model": {"hidden": 32}}
+    reference = project_with_data(tmp_path / "reference", processed, over)
+    run_train(reference)
+
+    project = project_with_data(tmp_path / "killed", processed, over)
+    proc = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((project / RESUME_DIR).glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = list((project / RESUME_DIR).glob("*.pt"))
+    assert saved, "training finished or failed before it could be killed"
+    killed_at = torch.load(saved[0], weights_only=False)["epoch"]
+    assert 1 <= killed_at < 6
+    assert not (project / "metrics/train.json").exists()
+
+    result = run_train(project)
+    sr, sk = state(reference), state(project)
+    assert all(torch.equal(sr[k], sk[k]) for k in sr)
+    assert (reference / "metrics/train.json").read_bytes() == (project / "metrics/train.json").read_bytes()
+    assert not list((project / RESUME_DIR).glob("*.pt"))  # cleaned up once finished
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ctclab"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.run_id == result["mlflow_run_id"]
+    steps = {h.step for h in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "dev_lev_greedy")}
+    assert steps == set(range(1, 7))
+
+
+def test_changed_params_do_not_resume_a_stale_checkpoint(tmp_path, processed):
+    project = project_with_data(tmp_path, processed, {"train": {"epochs": 1}})
+    (project / RESUME_DIR).mkdir(parents=True)
+    (project / RESUME_DIR / "0000000000000000.pt").write_bytes(b"stale")  # another fingerprint
+    run_train(project)
+    assert (project / RESUME_DIR / "0000000000000000.pt").exists()
