@@ -1,5 +1,5 @@
-"""DVC stage `evaluate` (params: decode.*): decode dev with the best checkpoint, greedy and beam;
-write metrics/eval.json; log scores, decode speed and the worst utterances into the training's run.
+"""DVC stage `evaluate` (params: decode.*, study.*, train.seed): decode dev with the best checkpoint, greedy and beam;
+write metrics/eval.json; log scores, decode speed and the worst utterances into the training's run (or, inside a study, into a child run of the study's parent run).
 
     python pipeline/evaluate.py      # or: dvc repro evaluate
 """
@@ -10,7 +10,8 @@ from ctclab.evaluate import evaluate
 
 @one_line_errors
 def main() -> None:
-    r = evaluate(load_params().decode)
+    p = load_params()
+    r = evaluate(p.decode, study=p.study, seed=p.train.seed)
     print(f"evaluate: dev Levenshtein greedy {r['dev_lev_greedy']:.3f}, beam({r['beam_width']}) "
           f"{r['dev_lev_beam']:.3f}, PER {r['dev_per']:.1%}")
 

@@ -46,3 +46,11 @@ def test_flatten_uses_dotted_names():
     flat = flatten(Params())
     assert flat["model.dropout.lstm"] == Params().model.dropout.lstm
     assert flat["train.specaugment.time_masks"] == 0
+
+
+def test_yaml_12_booleans_like_dvc(tmp_path):
+    # `dvc exp run -S study.variant=off` writes `variant: off` unquoted (YAML 1.2: a string)
+    p = write(tmp_path, {})
+    p.write_text("study:\n  variant: off\n  name: no\nmodel:\n  kaiming: false\n")
+    params = load_params(p)
+    assert params.study.variant == "off" and params.study.name == "no" and params.model.kaiming is False

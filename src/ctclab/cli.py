@@ -2,6 +2,7 @@
 
     ctclab run                 dvc repro, then a summary (data, utterances, stage times, metrics)
     ctclab ui [--port 5000]    the MLflow UI on the project's tracking store
+    ctclab study run|report    ablation studies from experiments/<study>.yaml (see ctclab.studies)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import studies
 from .errors import CtclabError, one_line_errors
 
 
@@ -126,5 +128,6 @@ def main(argv=None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+    studies.add_commands(sub)
     a = ap.parse_args(argv)
     sys.exit(a.func(a))

@@ -7,6 +7,7 @@ its choices is reported as one line naming the dotted key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,14 @@ class SubmitConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """Set by `ctclab study run` for each queued experiment; empty for ordinary runs."""
+    name: str = ""
+    variant: str = ""
+    parent_run_id: str = ""
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -110,6 +119,7 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def _coerce(tp, value, key: str, source: str):
@@ -155,10 +165,27 @@ def build(cls, mapping: dict | None, source: str = "params.yaml", prefix: str = 
     return cls(**{k: _coerce(hints[k], v, prefix + k, source) for k, v in mapping.items()})
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans (only true/false), as DVC reads and writes params.yaml: under PyYAML's
+    YAML 1.1 rules a value such as `off` or `no` written by `dvc exp run -S` would turn into a bool."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise CtclabError(f"{path}: not found; run from the repository root") from None
     except yaml.YAMLError as err:

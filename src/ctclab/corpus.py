@@ -293,7 +293,8 @@ def generate(out: str | Path, seed: int, sizes: dict[str, int], min_words: int =
     with ctx.Pool(workers, initializer=_worker_init) as pool:
         results = pool.imap(_render_in_child, jobs, chunksize=4)
         for job, row in tqdm(zip(jobs, results), total=len(jobs), desc="synthesising corpus",
-                             unit="utt", disable=not progress, file=sys.stderr):
+                             unit="utt", disable=not progress, file=sys.stderr,
+                             mininterval=1 if sys.stderr.isatty() else 30):
             rows[job.split].append(row)
     for split in SPLITS:
         storage.write_text(out / split / "manifest.jsonl",

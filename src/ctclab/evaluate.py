@@ -9,12 +9,13 @@ import csv
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from . import kaggle, storage, tracking
-from .config import DecodeConfig
+from .config import DecodeConfig, StudyConfig
 from .data import Shard
 from .decode import BeamDecoder, greedy
 from .errors import CtclabError
@@ -45,7 +46,7 @@ def _phonemes(seq: list[int]) -> str:
 
 
 def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", metrics_dir="metrics",
-             root=".", log=True) -> dict:
+             root=".", log=True, study: StudyConfig | None = None, seed: int = 0) -> dict:
     data_dir, models_dir, metrics_dir = Path(data_dir), Path(models_dir), Path(metrics_dir)
     dev = Shard(data_dir / "dev")
     refs = [dev.item(i)[1].tolist() for i in range(len(dev))]
@@ -60,15 +61,50 @@ def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", 
         table = "id\tdistance\treference\thypothesis\n" + "".join(
             f"{dev.ids[i]}\t{d[i]}\t{_phonemes(refs[i])}\t{_phonemes(hyps['beam'][i])}\n" for i in worst)
         info = _run_info(models_dir)
-        import mlflow
+        speed = {"decode_greedy_utterances_per_second": len(dev) / max(seconds["greedy"], 1e-9),
+                 "decode_beam_utterances_per_second": len(dev) / max(seconds["beam"], 1e-9)}
+        if study is not None and study.name:
+            log_study_child(study, seed, cfg, info, {**result, **speed}, table)
+        else:
+            import mlflow
 
-        with tracking.resume_run(info["tracking_uri"], Path(root), info["run_id"]):
-            mlflow.log_metrics({**{f"eval_{k}": v for k, v in result.items()},
-                                "decode_greedy_utterances_per_second": len(dev) / max(seconds["greedy"], 1e-9),
-                                "decode_beam_utterances_per_second": len(dev) / max(seconds["beam"], 1e-9)})
-            mlflow.set_tags({"decode.beam_width": str(cfg.beam_width), "decode.workers": str(cfg.workers)})
-            mlflow.log_text(table, f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv")
+            with tracking.resume_run(info["tracking_uri"], Path(root), info["run_id"]):
+                mlflow.log_metrics({**{f"eval_{k}": v for k, v in result.items()}, **speed})
+                mlflow.set_tags({"decode.beam_width": str(cfg.beam_width), "decode.workers": str(cfg.workers)})
+                mlflow.log_text(table, f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv")
     return result
+
+
+def log_study_child(study: StudyConfig, seed: int, cfg: DecodeConfig, info: dict, metrics: dict, table: str) -> str:
+    """One nested MLflow run per study variant × seed: the training run's params, learning curves
+    and provenance tags, plus this evaluation. Several variants may share one cached training run."""
+    import os
+
+    import mlflow
+
+    client = mlflow.MlflowClient(info["tracking_uri"])
+    parent, training = client.get_run(study.parent_run_id), client.get_run(info["run_id"])
+    tags = {k: v for k, v in training.data.tags.items() if not k.startswith("mlflow.")}
+    tags.update({"mlflow.parentRunId": study.parent_run_id, "study": study.name, "variant": study.variant,
+                 "seed": str(seed), "training_run_id": info["run_id"],
+                 "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")})
+    child = client.create_run(parent.info.experiment_id, run_name=f"{study.variant}-s{seed}", tags=tags)
+    run_id = child.info.run_id
+    params = {**training.data.params, "decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers}
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    history = []
+    for key in ("train_loss", "dev_loss", "dev_lev_greedy", "dev_per", "lr", "epoch_seconds"):
+        history += [mlflow.entities.Metric(key, m.value, m.timestamp, m.step) for m in client.get_metric_history(info["run_id"], key)]
+    now = int(time.time() * 1000)
+    train_seconds = sum(m.value for m in history if m.key == "epoch_seconds")
+    final = {**{k: v for k, v in metrics.items() if k != "beam_width"}, "train_seconds": train_seconds,
+             "parameter_count": float(training.data.tags.get("parameter_count", "nan"))}
+    history += [mlflow.entities.Metric(k, float(v), now, 0) for k, v in final.items()]
+    for start in range(0, len(history), 900):
+        client.log_batch(run_id, metrics=history[start:start + 900])
+    client.log_text(run_id, table, f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv")
+    client.set_terminated(run_id)
+    return run_id
 
 
 def write_submission(path: Path, ids: list[str], hyps: list[list[int]], fmt: str) -> None:

@@ -254,7 +254,8 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
             t0, seen, loss_sum = time.perf_counter(), 0, 0.0
             batches = bucket_batches(train_set.frames()[train_idx], cfg.batch_size, cfg.seed, epoch)
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
-                       file=sys.stderr, leave=False)
+                       file=sys.stderr, leave=False,
+                       mininterval=1 if sys.stderr.isatty() else 30)
             for b in bar:
                 batch = collate(train_set, train_idx[b])
                 batch.features = spec_augment(batch.features, batch.lengths, cfg.specaugment, aug_gen)

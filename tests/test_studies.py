@@ -1,0 +1,117 @@
+"""Studies end to end through the real DVC queue and MLflow, on a tiny project copy."""
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from ctclab import studies
+from ctclab.errors import CtclabError
+from project import REPO, make_project, run
+
+SMOKE = {"seeds": [0, 1], "params": {"data.synthetic.train": 12, "data.synthetic.dev": 4, "data.synthetic.test": 2,
+                                     "train.epochs": 1, "model.hidden": 8, "model.embed_dim": 8}}
+
+
+def committed_project(tmp_path, study: dict) -> Path:
+    project = make_project(tmp_path / "project")
+    (project / "experiments").mkdir()
+    (project / "experiments" / f"{study['name']}.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    (project / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
+    return project
+
+
+def study_cli(project, *args, check=True):
+    return run(project, sys.executable, "-m", "ctclab", "study", *args, check=check, timeout=900)
+
+
+def all_runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["ctclab"], output_format="list")
+
+
+def test_smoke_study_two_variants_two_seeds(tmp_path):
+    study = {"name": "kaiming_smoke", "question": "Does Kaiming init help?",
+             "variants": [{"name": "on", "baseline": True, "params": {"model.kaiming": True}},
+                          {"name": "off", "params": {"model.kaiming": False}}],
+             "seeds": [0, 1, 2], "smoke": SMOKE}
+    project = committed_project(tmp_path, study)
+    out = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke", "-j", "2").stdout
+    assert "4 ran, 0 skipped" in out and "0 failed" in out, out
+    runs = all_runs(project)
+    parents = [r for r in runs if r.data.tags.get("ctclab_study_parent") == "kaiming_smoke"]
+    assert len(parents) == 1
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted((k.data.tags["variant"], k.data.tags["seed"]) for k in kids) == [
+        ("off", "0"), ("off", "1"), ("on", "0"), ("on", "1")]
+    for k in kids:
+        assert k.data.tags["study"] == "kaiming_smoke"
+        assert k.data.tags["dvc_exp_name"] == f"kaiming_smoke-{k.data.tags['variant']}-s{k.data.tags['seed']}-smoke"
+        assert k.data.params["model.kaiming"] == str(k.data.tags["variant"] == "on")
+        assert "dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
+    report = (project / "experiments/reports/kaiming_smoke-smoke.md").read_text()
+    rows = [l for l in report.splitlines() if l.startswith("| on ") or l.startswith("| off ")]
+    assert len(rows) == 2 and all("| 2 |" in r for r in rows)
+    assert "no detectable difference with 2 seeds" in rows[1] or "better" in rows[1] or "worse" in rows[1]
+    assert (project / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
+    # a second run skips what is complete
+    again = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke").stdout
+    assert "0 ran, 4 skipped" in again
+
+
+def test_beam_width_study_trains_exactly_once(tmp_path):
+    study = {"name": "beam_smoke", "question": "Does a wider beam help?",
+             "variants": [{"name": "b1", "baseline": True, "params": {"decode.beam_width": 1}},
+                          {"name": "b8", "params": {"decode.beam_width": 8}}],
+             "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
+    project = committed_project(tmp_path, study)
+    out = study_cli(project, "run", "experiments/beam_smoke.yaml", "--smoke", "-j", "1").stdout
+    assert "2 ran" in out and "0 failed" in out, out
+    runs = all_runs(project)
+    trainings = [r for r in runs if "train_loss" in r.data.metrics and "mlflow.parentRunId" not in r.data.tags]
+    assert len(trainings) == 1
+    kids = [r for r in runs if r.data.tags.get("study") == "beam_smoke" and "mlflow.parentRunId" in r.data.tags]
+    assert {k.data.tags["training_run_id"] for k in kids} == {trainings[0].info.run_id}
+    assert sorted(k.data.params["decode.beam_width"] for k in kids) == ["1", "8"]
+
+
+def write_study(tmp_path, **over):
+    base = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": {}},
+                                                         {"name": "b", "params": {"model.kaiming": False}}],
+            "seeds": [0]}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({**base, **over}))
+    return p
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"variants": [{"name": "a", "params": {}}]}, "0 variants marked baseline"),
+    ({"variants": [{"name": "a", "baseline": True, "params": {"model.kaiminng": True}}]}, "unknown param 'model.kaiminng'"),
+    ({"variants": [{"name": "a", "baseline": True, "params": {"train.epochs": "many"}}]}, "train.epochs = 'many', expected an integer"),
+    ({"metric": "accuracy"}, "metric = 'accuracy'"),
+    ({"seeds": []}, "missing 'seeds'"),
+    ({"variant": []}, "unknown key 'variant'"),
+])
+def test_bad_study_files_name_the_problem(tmp_path, over, message):
+    with pytest.raises(CtclabError) as err:
+        studies.load(write_study(tmp_path, **over), REPO / "params.yaml")
+    assert message in str(err.value) and "s.yaml" in str(err.value)
+
+
+def test_shipped_studies_load_and_smoke_sizes_are_small():
+    for path in sorted((REPO / "experiments").glob("*.yaml")):
+        s = studies.load(path, REPO / "params.yaml")
+        assert s.smoke_params["train.epochs"] == 1 and s.smoke_params["data.synthetic.train"] <= 32, path
+
+
+def test_paired_interval_and_verdicts():
+    assert studies.paired([0.5]) is None
+    m, lo, hi = studies.paired([-1.0, -1.2, -0.9, -1.1])
+    assert m == pytest.approx(-1.05) and lo < m < hi < 0
+    assert studies.verdict((m, lo, hi), 4) == "better"
+    assert studies.verdict((1.0, 0.2, 1.8), 3) == "worse"
+    assert studies.verdict((0.1, -0.5, 0.7), 3) == "no detectable difference with 3 seeds"
+    assert studies.verdict(None, 1) == "no interval with n=1 seed"
