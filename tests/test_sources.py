@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import make_fall2022, make_spring2022, zip_folder
-from ctclab import kaggle, layouts, sources
+from ctclab import kaggle, sources
 from ctclab.config import DataConfig, FeaturesConfig
 from ctclab.data import Shard, preprocess
 from ctclab.errors import CtclabError

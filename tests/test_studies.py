@@ -36,11 +36,17 @@ def all_runs(project):
 def test_smoke_study_two_variants_two_seeds(tmp_path):
     study = {"name": "kaiming_smoke", "question": "Does Kaiming init help?",
              "variants": [{"name": "on", "baseline": True, "params": {"model.kaiming": True}},
-                          {"name": "off", "params": {"model.kaiming": False}}],
+                          {"name": "off", "params": {"model.kaiming": False}},
+                          # fails in its fetch stage; must not stop the others
+                          {"name": "broken", "params": {"data.source": "local", "data.path": "/nonexistent/hw3p2"}}],
              "seeds": [0, 1, 2], "smoke": SMOKE}
     project = committed_project(tmp_path, study)
-    out = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke", "-j", "2").stdout
-    assert "4 ran, 0 skipped" in out and "0 failed" in out, out
+    result = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke", "-j", "2", check=False)
+    out = result.stdout
+    assert result.returncode == 1 and "4 ran, 0 skipped (already complete), 2 failed" in out, out
+    for seed in (0, 1):
+        name = f"kaiming_smoke-broken-s{seed}-smoke"
+        assert f"FAILED {name}: see its log with `dvc queue logs {name}`" in out
     runs = all_runs(project)
     parents = [r for r in runs if r.data.tags.get("ctclab_study_parent") == "kaiming_smoke"]
     assert len(parents) == 1
@@ -52,14 +58,17 @@ def test_smoke_study_two_variants_two_seeds(tmp_path):
         assert k.data.tags["dvc_exp_name"] == f"kaiming_smoke-{k.data.tags['variant']}-s{k.data.tags['seed']}-smoke"
         assert k.data.params["model.kaiming"] == str(k.data.tags["variant"] == "on")
         assert "dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
+        curve = mlflow.MlflowClient().get_metric_history(k.info.run_id, "epoch/dev_lev_greedy")
+        assert [h.step for h in curve] == [1]  # the learning curve, apart from the final scores
     report = (project / "experiments/reports/kaiming_smoke-smoke.md").read_text()
     rows = [l for l in report.splitlines() if l.startswith("| on ") or l.startswith("| off ")]
     assert len(rows) == 2 and all("| 2 |" in r for r in rows)
+    assert "| broken |" in report and "no finished runs" in report
     assert "no detectable difference with 2 seeds" in rows[1] or "better" in rows[1] or "worse" in rows[1]
     assert (project / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
     # a second run skips what is complete
-    again = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke").stdout
-    assert "0 ran, 4 skipped" in again
+    again = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke", check=False).stdout
+    assert "4 skipped (already complete), 2 failed" in again, again
 
 
 def test_beam_width_study_trains_exactly_once(tmp_path):

@@ -1,12 +1,13 @@
 """Training: each architecture end to end, MLflow records, determinism, kill-and-resume."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from ctclab.config import load_params
 from ctclab.data import preprocess
 from ctclab.train import RESUME_DIR, bucket_batches, load_checkpoint, train
 from project import env, make_project
-
-import numpy as np
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +26,11 @@ def processed(tiny_corpus, tmp_path_factory):
 
 def project_with_data(tmp_path, processed, overrides=None):
     project = make_project(tmp_path, overrides, git=False)
-    import shutil
     shutil.copytree(processed, project / "data" / "processed")
     return project
 
 
-def run_train(project, processed=None):
+def run_train(project):
     return train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
                  project / "metrics", root=project, progress=False)
 

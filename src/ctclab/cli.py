@@ -113,8 +113,10 @@ def cmd_ui(a) -> int:
     root = repo_root()
     uri = tracking_uri("", root)
     print(f"MLflow UI for {uri} at http://{a.host}:{a.port}  (Ctrl-C stops it)", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", a.host, "--port", str(a.port)], cwd=root, env=tool_env())
+    os.chdir(root)
+    # exec, not a child: signals reach the server (and its workers) directly
+    os.execve(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", a.host, "--port", str(a.port)], tool_env())
 
 
 @one_line_errors

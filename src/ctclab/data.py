@@ -42,7 +42,7 @@ def _load_features(path: Path, expected_dim: int | None) -> tuple[np.ndarray | N
         x = np.load(path, allow_pickle=False)
     except Exception as err:  # a corrupt or non-npy file is a data problem, not a crash
         return None, f"cannot be read as .npy ({type(err).__name__})"
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+    if x.ndim != 2 or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         return None, f"shape {x.shape} dtype {x.dtype}, expected a 2-D float array [frames, features]"
     if expected_dim is not None and x.shape[1] != expected_dim:
         return None, f"feature dim {x.shape[1]}, expected {expected_dim} (the first train utterance's)"

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from . import kaggle, storage, tracking
 from .config import DecodeConfig, StudyConfig
@@ -92,11 +91,13 @@ def log_study_child(study: StudyConfig, seed: int, cfg: DecodeConfig, info: dict
     run_id = child.info.run_id
     params = {**training.data.params, "decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers}
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    # Learning curves under epoch/… so they never mix with the final scores of the same name.
     history = []
     for key in ("train_loss", "dev_loss", "dev_lev_greedy", "dev_per", "lr", "epoch_seconds"):
-        history += [mlflow.entities.Metric(key, m.value, m.timestamp, m.step) for m in client.get_metric_history(info["run_id"], key)]
+        history += [mlflow.entities.Metric(f"epoch/{key}", m.value, m.timestamp, m.step)
+                    for m in client.get_metric_history(info["run_id"], key)]
     now = int(time.time() * 1000)
-    train_seconds = sum(m.value for m in history if m.key == "epoch_seconds")
+    train_seconds = sum(m.value for m in history if m.key == "epoch/epoch_seconds")
     final = {**{k: v for k, v in metrics.items() if k != "beam_width"}, "train_seconds": train_seconds,
              "parameter_count": float(training.data.tags.get("parameter_count", "nan"))}
     history += [mlflow.entities.Metric(k, float(v), now, 0) for k, v in final.items()]

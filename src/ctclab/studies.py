@@ -24,8 +24,9 @@ parent run; re-running a study skips variant × seeds whose child run finished.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
+import re
 import subprocess
 import sys
 import time
@@ -211,29 +212,37 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete", flush=True)
     t0 = time.monotonic()
     if queued:
+        # Workers exit by themselves once the queue is empty. No `dvc queue stop` here: a stop
+        # request can outlive this call and shut down the workers of the next study mid-queue.
         _dvc(root, "queue", "start", "-j", str(jobs))
         while True:
-            states = queue_states(root, queued)
+            states, workers = queue_states(root, queued)
             pending = [n for n, s in states.items() if s in ("Queued", "Running", None)]
             print(f"  {len(queued) - len(pending)}/{len(queued)} finished ({time.monotonic() - t0:.0f} s)", flush=True)
             if not pending:
                 break
+            if workers == 0 and all(states[n] == "Queued" for n in pending):
+                _dvc(root, "queue", "start", "-j", str(jobs))  # workers went away with work left
             time.sleep(poll_seconds)
-        _dvc(root, "queue", "stop", check=False)
-    states = queue_states(root, queued) if queued else {}
+    states = queue_states(root, queued)[0] if queued else {}
     failed = sorted(n for n, s in states.items() if s != "Success")
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
             "parent_run_id": parent.info.run_id}
 
 
-def queue_states(root: Path, names: list[str]) -> dict[str, str | None]:
+def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], int | None]:
+    """Each named experiment's queue status (Queued, Running, Success, Failed) and the number of
+    live workers, from `dvc queue status`."""
     out = _dvc(root, "queue", "status", check=False).stdout
     states: dict[str, str | None] = dict.fromkeys(names)
+    workers = None
     for line in out.splitlines():
         cols = line.split()
         if len(cols) >= 2 and cols[1] in states:
-            states[cols[1]] = cols[-1] if cols[-1] in ("Queued", "Running", "Success", "Failed") else cols[-1]
-    return states
+            states[cols[1]] = cols[-1]
+        elif line.startswith("Worker status:"):
+            workers = sum(int(n) for n in re.findall(r"(\d+) (?:active|idle)", line))
+    return states, workers
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -292,10 +301,14 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
     any_run = next((c for runs_ in by_variant.values() for c in runs_.values()), None)
     if any_run is not None:
         t = any_run.data.tags
+        # runs from before the cpu_count tag existed: the count is known only if this is their host
+        cores = t.get("cpu_count") or (str(os.cpu_count()) if t.get("host") == platform.node() else None)
+        hardware = ", ".join(x for x in (t.get("device_name"), cores and f"{cores} CPU cores") if x)
         lines += [f"Data: `{any_run.data.params.get('data.source', '?')}` corpus, "
                   f"{any_run.data.params.get('data.synthetic.train', '?')} train utterances (data hash "
-                  f"`{t.get('data_hash', '?')[:12]}`). Hardware: {t.get('device', '?')} on `{t.get('host', platform.node())}`, "
-                  f"torch {t.get('torch_version', '?')}.", ""]
+                  f"`{t.get('data_hash', '?')[:12]}`). Hardware: {t.get('device', '?')}"
+                  f"{f' ({hardware})' if hardware else ''} on `{t.get('host', '?')}`, torch {t.get('torch_version', '?')}.",
+                  ""]
     lines += ["| variant | params vs baseline | n | mean ± std | Δ vs baseline (95 % CI) | verdict | parameters | "
               "train s | decode utt/s | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
@@ -322,8 +335,7 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
         lines.append(f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {word} | "
                      f"{first.data.params.get('parameter_count', first.data.tags.get('parameter_count', '?'))} | "
                      f"{train_s:.0f} | {decode:.0f} | {ids} |")
-        curves[v.name] = [[(h.step, h.value) for h in client.get_metric_history(r.info.run_id, "dev_lev_greedy")]
-                          for r in rs.values()]
+        curves[v.name] = [_curve(client, r) for r in rs.values()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, per_seed in curves.items():
         steps = sorted({s for c in per_seed for s, _ in c})
@@ -339,13 +351,19 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)
-    lines += ["", f"Verdicts compare each variant with the baseline seed by seed (paired differences, t-based 95 % "
-              f"interval; negative = lower distance than baseline).", "", f"![learning curves]({png.name})", ""]
+    lines += ["", "Verdicts compare each variant with the baseline seed by seed (paired differences, t-based 95 % "
+              "interval; negative = lower distance than baseline).", "", f"![learning curves]({png.name})", ""]
     md = out_dir / f"{stem}.md"
     storage.write_text(md, "\n".join(lines))
     client.log_artifact(parent.info.run_id, str(md), "report")
     client.log_artifact(parent.info.run_id, str(png), "report")
     return md
+
+
+def _curve(client, run) -> list[tuple[int, float]]:
+    """Per-epoch dev greedy distance of a child run (epochs count from 1)."""
+    key = "epoch/dev_lev_greedy" if "epoch/dev_lev_greedy" in run.data.metrics else "dev_lev_greedy"
+    return [(h.step, h.value) for h in client.get_metric_history(run.info.run_id, key) if h.step >= 1]
 
 
 def _diff(v: Variant, study: Study) -> str:

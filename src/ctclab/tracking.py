@@ -76,6 +76,8 @@ def provenance_tags(root: Path, data_hash: str, device: str) -> dict[str, str]:
         "cuda_version": str(torch.version.cuda),
         "cudnn_version": str(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None),
         "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        "cpu_count": str(os.cpu_count()),
         "host": platform.node(),
     }
     if os.environ.get("DVC_EXP_NAME"):

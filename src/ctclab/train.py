@@ -50,7 +50,8 @@ def seed_everything(seed: int, device: torch.device) -> None:
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     else:
-        torch.backends.cudnn.benchmark = True
+        # Every bucketed batch has its own length, so autotuning per shape would cost more than it saves.
+        torch.backends.cudnn.benchmark = False
 
 
 def ctc_min_frames(labels: np.ndarray) -> int:

@@ -1,0 +1,46 @@
+"""The `ctclab` command: the MLflow UI on the project's store, and one-line errors."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from project import env, make_project, run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_project_store(tmp_path):
+    project = make_project(tmp_path / "p", git=False)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ctclab", "ui", "--port", str(port)], cwd=project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first and f"sqlite:///{project / 'mlflow.db'}" in first
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+    finally:  # the server starts workers of its own: stop the whole process group
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_outside_a_project_is_one_line(tmp_path):
+    r = run(tmp_path, sys.executable, "-m", "ctclab", "run", check=False)
+    assert r.returncode == 2 and "not inside a ctclab project" in r.stderr and "Traceback" not in r.stderr
