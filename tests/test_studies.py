@@ -124,3 +124,13 @@ def test_paired_interval_and_verdicts():
     assert studies.verdict((1.0, 0.2, 1.8), 3) == "worse"
     assert studies.verdict((0.1, -0.5, 0.7), 3) == "no detectable difference with 3 seeds"
     assert studies.verdict(None, 1) == "no interval with n=1 seed"
+
+
+def test_parallel_queue_workers_share_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(studies.os, "cpu_count", lambda: 8)
+    assert studies.worker_env(1)["OMP_NUM_THREADS"] == "8"
+    assert studies.worker_env(2)["OMP_NUM_THREADS"] == "4"
+    assert studies.worker_env(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert studies.worker_env(2)["OMP_NUM_THREADS"] == "3"
