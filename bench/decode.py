@@ -32,9 +32,9 @@ def posteriors(args):
     T = max(lp.shape[1] for lp, _ in captured)
     lp = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1])) for x, _ in captured])
     lengths = torch.cat([n for _, n in captured])
-    refs = None  # evaluate_split sorted by length; rebuild references in that order
+    # evaluate_split decodes in length order; put the references in that order too
     order = sorted(range(len(dev)), key=lambda i: (dev.frames()[i], i))
-    refs = [dev.item(i)[1].tolist() for i in order]
+    refs = [dev.label(i).tolist() for i in order]
     return lp, lengths, refs, f"trained model on {len(dev)} dev utterances, mean {float(lengths.float().mean()):.0f} output frames"
 
 

@@ -47,16 +47,16 @@ def repro(args: list[str], cwd: Path) -> tuple[int, dict[str, float | None]]:
     for line in proc.stdout:
         sys.stdout.write(line)
         sys.stdout.flush()
-        m = _RUNNING.match(line.strip())
-        if m or _SKIPPED.match(line.strip()):
+        running, skipped = _RUNNING.match(line.strip()), _SKIPPED.match(line.strip())
+        if running or skipped:
             now = time.monotonic()
             if current:
                 times[current] = now - started
                 current = None
-            if m:
-                current, started = m.group(1), now
+            if running:
+                current, started = running.group(1), now
             else:
-                times[_SKIPPED.match(line.strip()).group(1)] = None
+                times[skipped.group(1)] = None
     code = proc.wait()
     if current:
         times[current] = time.monotonic() - started

@@ -194,7 +194,13 @@ class Shard:
     def label_counts(self) -> np.ndarray:
         return np.diff(self.label_offsets)
 
+    def label(self, i: int) -> np.ndarray:
+        return self.labels[self.label_offsets[i]:self.label_offsets[i + 1]].astype(np.int64)
+
+    def references(self) -> list[list[int]]:
+        """Every utterance's label indices, without touching the features."""
+        return [self.label(i).tolist() for i in range(len(self))]
+
     def item(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         f0, f1 = self.frame_offsets[i], self.frame_offsets[i + 1]
-        l0, l1 = self.label_offsets[i], self.label_offsets[i + 1]
-        return np.asarray(self.features[f0:f1]), self.labels[l0:l1].astype(np.int64)
+        return np.asarray(self.features[f0:f1]), self.label(i)

@@ -48,7 +48,7 @@ def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", 
              root=".", log=True, study: StudyConfig | None = None, seed: int = 0) -> dict:
     data_dir, models_dir, metrics_dir = Path(data_dir), Path(models_dir), Path(metrics_dir)
     dev = Shard(data_dir / "dev")
-    refs = [dev.item(i)[1].tolist() for i in range(len(dev))]
+    refs = dev.references()
     _, hyps, seconds = _decode(models_dir, dev, cfg, with_greedy=True)
     g, b = score(hyps["greedy"], refs), score(hyps["beam"], refs)
     result = {"dev_lev_greedy": round(g.mean_distance, 6), "dev_lev_beam": round(b.mean_distance, 6),
@@ -127,7 +127,7 @@ def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/pro
     write_submission(out_path, test.ids, hyps["beam"], meta["submission_format"])
     result = {"rows": len(test), "format": meta["submission_format"], "beam_width": cfg.beam_width}
     if meta["labelled"]["test"]:  # the embedded corpus has test transcripts: score them too
-        s = score(hyps["beam"], [test.item(i)[1].tolist() for i in range(len(test))])
+        s = score(hyps["beam"], test.references())
         result.update(test_lev_beam=round(s.mean_distance, 6), test_per=round(s.per, 6))
     storage.write_json(Path(metrics_dir) / "submit.json", result)
     info = _run_info(models_dir)

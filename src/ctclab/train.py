@@ -61,7 +61,7 @@ def ctc_min_frames(labels: np.ndarray) -> int:
 
 def feasible(shard: Shard, model: models.CTCModel) -> np.ndarray:
     out = model.output_lengths(torch.as_tensor(shard.frames())).numpy()
-    need = np.array([ctc_min_frames(shard.item(i)[1]) for i in range(len(shard))])
+    need = np.array([ctc_min_frames(shard.label(i)) for i in range(len(shard))])
     return out >= need
 
 
@@ -249,7 +249,7 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
                              "parameter_count": str(models.parameter_count(model)),
                              "infeasible_train": str(infeasible["train"]), "infeasible_dev": str(infeasible["dev"])})
             mlflow.log_text(tracking.pip_freeze(), "environment/pip-freeze.txt")
-        refs = [dev_set.item(i)[1].tolist() for i in range(len(dev_set))]
+        refs = dev_set.references()
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             t0, seen, loss_sum = time.perf_counter(), 0, 0.0
