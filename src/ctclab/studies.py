@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -226,35 +225,31 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     if queued:
         # Workers exit by themselves once the queue is empty. No `dvc queue stop` here: a stop
         # request can outlive this call and shut down the workers of the next study mid-queue.
-        _dvc(root, "queue", "start", "-j", str(jobs), env=worker_env(jobs))
+        # The workers outlive this call: they must not hold our output pipes, or we wait on them.
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root,
+                       env=worker_env(jobs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         while True:
-            states, workers = queue_states(root, queued)
+            states = queue_states(root, queued)
             pending = [n for n, s in states.items() if s in ("Queued", "Running", None)]
             print(f"  {len(queued) - len(pending)}/{len(queued)} finished ({time.monotonic() - t0:.0f} s)", flush=True)
             if not pending:
                 break
-            if workers == 0 and all(states[n] == "Queued" for n in pending):
-                _dvc(root, "queue", "start", "-j", str(jobs), env=worker_env(jobs))  # workers went away with work left
             time.sleep(poll_seconds)
-    states = queue_states(root, queued)[0] if queued else {}
+    states = queue_states(root, queued) if queued else {}
     failed = sorted(n for n, s in states.items() if s != "Success")
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
             "parent_run_id": parent.info.run_id}
 
 
-def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], int | None]:
-    """Each named experiment's queue status (Queued, Running, Success, Failed) and the number of
-    live workers, from `dvc queue status`."""
+def queue_states(root: Path, names: list[str]) -> dict[str, str | None]:
+    """Each named experiment's queue status (Queued, Running, Success, Failed), from `dvc queue status`."""
     out = _dvc(root, "queue", "status", check=False).stdout
     states: dict[str, str | None] = dict.fromkeys(names)
-    workers = None
     for line in out.splitlines():
         cols = line.split()
         if len(cols) >= 2 and cols[1] in states:
             states[cols[1]] = cols[-1]
-        elif line.startswith("Worker status:"):
-            workers = sum(int(n) for n in re.findall(r"(\d+) (?:active|idle)", line))
-    return states, workers
+    return states
 
 
 # --- reporting ----------------------------------------------------------------------------------
