@@ -16,7 +16,7 @@ import torch
 from ctclab.data import Shard
 from ctclab.decode import BeamDecoder, greedy
 from ctclab.metrics import score
-from ctclab.train import evaluate_split, load_model
+from ctclab.inference import evaluate_split, load_model
 
 
 def posteriors(args):

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate` (params: decode.*, study.*, train.seed): decode dev with the best checkpoint, greedy and beam;
+"""DVC stage `evaluate`: decode dev with the best checkpoint, greedy and beam;
 write metrics/eval.json; log scores, decode speed and the worst utterances into the training's run (or, inside a study, into a child run of the study's parent run).
 
     python pipeline/evaluate.py      # or: dvc repro evaluate
@@ -6,6 +6,10 @@ write metrics/eval.json; log scores, decode speed and the worst utterances into 
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.evaluate import evaluate
+
+# decode.beam_width changes the scores; study.* and train.seed choose the MLflow run it logs into
+# (a study's child run), so DVC's run cache never skips that logging for a new study.
+PARAMS = ["decode.beam_width", "study", "train.seed"]
 
 
 @one_line_errors

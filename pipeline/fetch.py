@@ -1,10 +1,14 @@
-"""DVC stage `fetch` (params: data.*): put the dataset in data/raw.
+"""DVC stage `fetch`: put the dataset in data/raw.
 
     python pipeline/fetch.py      # or: dvc repro fetch
 """
 from ctclab import sources
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
+
+# The keys that change what fetch writes (data.synthetic.workers only changes its speed).
+PARAMS = ["data.source", "data.competition", "data.path", "data.synthetic.seed", "data.synthetic.train",
+          "data.synthetic.dev", "data.synthetic.test", "data.synthetic.min_words", "data.synthetic.max_words"]
 
 
 @one_line_errors

@@ -1,10 +1,12 @@
-"""DVC stage `preprocess` (params: features.*): validate data/raw and write shards to data/processed.
+"""DVC stage `preprocess`: validate data/raw and write shards to data/processed.
 
     python pipeline/preprocess.py      # or: dvc repro preprocess
 """
 from ctclab.config import load_params
 from ctclab.data import preprocess
 from ctclab.errors import one_line_errors
+
+PARAMS = ["features"]
 
 
 @one_line_errors

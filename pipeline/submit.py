@@ -1,11 +1,15 @@
-"""DVC stage `submit` (params: decode.*, submit.*, data.competition): decode test in the
+"""DVC stage `submit`: decode test in the
 competition's order, write submission/submission.csv in its format, optionally upload it.
 
     python pipeline/submit.py      # or: dvc repro submit
 """
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
-from ctclab.evaluate import submit
+from ctclab.submission import submit
+
+# decode.beam_width changes the predictions; submit.upload and data.competition decide whether and
+# where it uploads. decode.workers only changes the speed.
+PARAMS = ["decode.beam_width", "submit.upload", "data.competition"]
 
 
 @one_line_errors

@@ -1,4 +1,4 @@
-"""DVC stage `train` (params: model.*, train.*, tracking.*): train on data/processed, write models/
+"""DVC stage `train`: train on data/processed, write models/
 and metrics/train.json + metrics/train_history.csv, log everything to one MLflow run.
 
     python pipeline/train.py      # or: dvc repro train
@@ -6,6 +6,11 @@ and metrics/train.json + metrics/train_history.csv, log everything to one MLflow
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.train import train
+
+# The keys that change what train writes: train.resume only decides whether an interrupted run
+# continues (bit-identically), tracking.* only where the run is logged.
+PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer", "train.weight_decay",
+          "train.scheduler", "train.grad_clip", "train.seed", "train.device", "train.specaugment"]
 
 
 @one_line_errors

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import yaml
 
+from ctclab.config import load_params, with_overrides
+
 REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = load_params(REPO / "params.yaml")
+
+
+def config(section: str, **values):
+    """One section of the repository's params.yaml with some keys changed (dotted names inside
+    the section as `**{"dropout.lstm": 0.0}`), validated like params.yaml."""
+    params = with_overrides(DEFAULTS, {f"{section}.{k}": v for k, v in values.items()}, "test overrides")
+    return getattr(params, section)
 
 TINY_PARAMS = {
     "data": {"synthetic": {"seed": 5, "train": 16, "dev": 4, "test": 4, "min_words": 2, "max_words": 4, "workers": 1}},

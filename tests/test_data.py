@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import make_spring2022
-from ctclab.config import FeaturesConfig
+from project import config
 from ctclab.data import Shard, preprocess
 from ctclab.errors import CtclabError
 
@@ -35,7 +35,7 @@ def break_utterances(base):
 
 def test_each_check_catches_its_problem_and_skip_keeps_the_rest(s22, tmp_path):
     expected = break_utterances(s22)
-    meta = preprocess(s22.parents[1], tmp_path / "out", FeaturesConfig(on_bad="skip"))
+    meta = preprocess(s22.parents[1], tmp_path / "out", config("features", on_bad="skip"))
     report = json.loads((tmp_path / "out" / "bad_utterances.json").read_text())
     found = {r["file"].rsplit("/", 1)[1]: r["problem"] for r in report}
     assert set(found) == set(expected)
@@ -48,14 +48,14 @@ def test_each_check_catches_its_problem_and_skip_keeps_the_rest(s22, tmp_path):
 def test_fail_policy_stops_with_one_line_and_still_writes_the_report(s22, tmp_path):
     break_utterances(s22)
     with pytest.raises(CtclabError, match=r"8 bad utterances in all") as err:
-        preprocess(s22.parents[1], tmp_path / "out", FeaturesConfig(on_bad="fail"))
+        preprocess(s22.parents[1], tmp_path / "out", config("features", on_bad="fail"))
     assert "\n" not in str(err.value)
     assert len(json.loads((tmp_path / "out" / "bad_utterances.json").read_text())) == 8
     assert not (tmp_path / "out" / "train").exists()
 
 
 def test_global_normalisation_uses_train_statistics_only(s22, tmp_path):
-    meta = preprocess(s22.parents[1], tmp_path / "out", FeaturesConfig(normalize="global"))
+    meta = preprocess(s22.parents[1], tmp_path / "out", config("features", normalize="global"))
     train, dev = Shard(tmp_path / "out" / "train"), Shard(tmp_path / "out" / "dev")
     np.testing.assert_allclose(np.asarray(train.features).mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(train.features).std(0), 1, atol=1e-3)
@@ -65,11 +65,11 @@ def test_global_normalisation_uses_train_statistics_only(s22, tmp_path):
 
 
 def test_shards_round_trip_and_hash_is_stable(tiny_corpus, tmp_path):
-    a = preprocess(tiny_corpus, tmp_path / "a", FeaturesConfig(normalize="none"))
-    b = preprocess(tiny_corpus, tmp_path / "b", FeaturesConfig(normalize="none"))
+    a = preprocess(tiny_corpus, tmp_path / "a", config("features", normalize="none"))
+    b = preprocess(tiny_corpus, tmp_path / "b", config("features", normalize="none"))
     assert a["data_hash"] == b["data_hash"] and a["layout"] == "ctclab"
     shard = Shard(tmp_path / "a" / "dev")
     x, _ = shard.item(len(shard) - 1)
     np.testing.assert_array_equal(x, np.load(tiny_corpus / "dev" / "mfcc" / f"{shard.ids[-1]}.npy"))
-    c = preprocess(tiny_corpus, tmp_path / "c", FeaturesConfig(normalize="utterance"))
+    c = preprocess(tiny_corpus, tmp_path / "c", config("features", normalize="utterance"))
     assert c["data_hash"] != a["data_hash"]

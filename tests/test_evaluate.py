@@ -8,31 +8,32 @@ import pytest
 import torch
 
 from conftest import make_fall2022, make_spring2022
+from project import config
 from ctclab import models, storage, tracking
-from ctclab.config import DecodeConfig, FeaturesConfig, ModelConfig
 from ctclab.data import Shard, preprocess
 from ctclab.errors import CtclabError
-from ctclab.evaluate import evaluate, submit
+from ctclab.evaluate import evaluate
+from ctclab.submission import submit
 from ctclab.labels import F22_CHARS, S22_CHARS
 
 
 def setup_project(tmp_path, raw_root, dim):
     """Preprocessed replica + an untrained model checkpoint + a training run in a tmp store."""
-    preprocess(raw_root, tmp_path / "processed", FeaturesConfig())
+    preprocess(raw_root, tmp_path / "processed", config("features"))
     torch.manual_seed(0)
-    model = models.build(ModelConfig(hidden=8, embed_dim=8, lstm_layers=1), dim)
+    model = models.build(config("model", hidden=8, embed_dim=8, lstm_layers=1), dim)
     buf = tmp_path / "models"
     buf.mkdir()
     torch.save({"model_spec": model.spec(), "model": model.state_dict()}, buf / "best.pt")
-    with tracking.start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", tmp_path) as run:
+    with tracking.training_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", tmp_path, None, {}, {}) as run:
         pass
-    storage.write_json(buf / "mlflow_run.json", {"run_id": run.info.run_id,
+    storage.write_json(buf / "mlflow_run.json", {"run_id": run.run_id,
                                                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    return run.info.run_id
+    return run.run_id
 
 
 def do_submit(tmp_path, **kw):
-    return submit(DecodeConfig(beam_width=3), kw.pop("upload", False), "11-785-s22-hw3p2",
+    return submit(config("decode", beam_width=3), kw.pop("upload", False), "11-785-s22-hw3p2",
                   tmp_path / "processed", tmp_path / "models", tmp_path / "sub.csv", tmp_path / "metrics",
                   tmp_path, **kw)
 
@@ -84,7 +85,7 @@ def test_upload_names_the_run_and_a_refusal_keeps_the_csv(tmp_path):
 
 def test_evaluate_logs_worst_utterances(tmp_path):
     run_id = setup_project(tmp_path, make_spring2022(tmp_path / "raw", n=5), 13)
-    r = evaluate(DecodeConfig(beam_width=3), tmp_path / "processed", tmp_path / "models", tmp_path / "metrics", tmp_path)
+    r = evaluate(config("decode", beam_width=3), tmp_path / "processed", tmp_path / "models", tmp_path / "metrics", tmp_path)
     assert json.loads((tmp_path / "metrics/eval.json").read_text()) == r and r["beam_width"] == 3
     text = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
         run_id, "evaluate/worst_utterances_beam3.tsv", str(tmp_path))

@@ -1,16 +1,24 @@
 """A1/A2/A3 shapes, lengths, learning on a fixed batch, and every ablation knob."""
-import dataclasses as dc
-
 import pytest
 import torch
 from torch import nn
 
-from ctclab.config import DropoutConfig, ModelConfig
+from ctclab.batching import ctc_min_frames
+from ctclab.errors import CtclabError
 from ctclab.models import BiLSTM, build, from_spec
-from ctclab.train import ctc_min_frames
+from project import config
 
-TINY = ModelConfig(hidden=24, embed_dim=16, lstm_layers=2, stride=2)
 ARCHS = ("lstm", "convnext", "conv_lstm")
+# What an architecture has no place for must be left neutral (ctclab.config refuses it otherwise).
+NEUTRAL = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout.lstm": 0.0}, "conv_lstm": {}}
+
+
+def tiny(arch="conv_lstm", dropout=None, **kw):
+    """A small model config; dropout=(embedding, lstm, classifier)."""
+    values = {"arch": arch, "hidden": 24, "embed_dim": 16, "lstm_layers": 2, "stride": 2, **NEUTRAL[arch], **kw}
+    if dropout is not None:
+        values.update(zip(("dropout.embedding", "dropout.lstm", "dropout.classifier"), map(float, dropout)))
+    return config("model", **values)
 
 
 def fixed_batch(dim=13, seed=0):
@@ -24,7 +32,7 @@ def fixed_batch(dim=13, seed=0):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("stride", [1, 2, 4])
 def test_shapes_and_output_lengths(arch, stride):
-    model = build(dc.replace(TINY, arch=arch, stride=stride), input_dim=28).eval()
+    model = build(tiny(arch, stride=stride), input_dim=28).eval()
     x, lengths = torch.randn(3, 41, 28), torch.tensor([41, 20, 5])
     log_probs, out_lengths = model(x, lengths)
     assert log_probs.shape[0] == 3 and log_probs.shape[2] == 41
@@ -36,7 +44,7 @@ def test_shapes_and_output_lengths(arch, stride):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loss_decreases_on_a_fixed_batch(arch):
     torch.manual_seed(0)
-    model = build(dc.replace(TINY, arch=arch, dropout=DropoutConfig(0, 0, 0)), input_dim=13)
+    model = build(tiny(arch, dropout=(0, 0, 0)), input_dim=13)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, lengths, targets, target_lengths = fixed_batch()
     ctc = nn.CTCLoss(blank=0)
@@ -65,20 +73,20 @@ def count(model, kind):
 
 
 def test_dropout_placement_knobs_change_the_module():
-    none = build(dc.replace(TINY, dropout=DropoutConfig(0, 0, 0)), 13)
+    none = build(tiny(dropout=(0, 0, 0)), 13)
     assert count(none, nn.Dropout) == 0 and none.body.lstm.dropout == 0
-    emb = build(dc.replace(TINY, dropout=DropoutConfig(0.3, 0, 0)), 13)
+    emb = build(tiny(dropout=(0.3, 0, 0)), 13)
     assert isinstance(emb.front.dropout, nn.Dropout) and emb.front.dropout.p == 0.3 and count(emb, nn.Dropout) == 1
-    lstm = build(dc.replace(TINY, dropout=DropoutConfig(0, 0.4, 0)), 13)
+    lstm = build(tiny(dropout=(0, 0.4, 0)), 13)
     assert lstm.body.lstm.dropout == 0.4 and count(lstm, nn.Dropout) == 0
-    cls = build(dc.replace(TINY, dropout=DropoutConfig(0, 0, 0.2)), 13)
+    cls = build(tiny(dropout=(0, 0, 0.2)), 13)
     assert [type(m) for m in cls.head][2] is nn.Dropout and count(cls, nn.Dropout) == 1
 
 
 def test_lstm_dropout_changes_training_outputs_only_between_layers():
     x, lengths = torch.randn(2, 30, 13), torch.tensor([30, 21])
     torch.manual_seed(0)
-    model = build(dc.replace(TINY, dropout=DropoutConfig(0, 0.5, 0)), 13).train()
+    model = build(tiny(dropout=(0, 0.5, 0)), 13).train()
     a, _ = model(x, lengths)
     b, _ = model(x, lengths)
     assert not torch.allclose(a, b)  # dropout active in training
@@ -88,9 +96,9 @@ def test_lstm_dropout_changes_training_outputs_only_between_layers():
 
 def test_kaiming_knob_changes_initial_statistics():
     torch.manual_seed(0)
-    on = build(dc.replace(TINY, kaiming=True), 13)
+    on = build(tiny(kaiming=True), 13)
     torch.manual_seed(0)
-    off = build(dc.replace(TINY, kaiming=False), 13)
+    off = build(tiny(kaiming=False), 13)
     w_on, w_off = on.head[0].weight, off.head[0].weight  # Linear(2h, 4h)
     fan_in = w_on.shape[1]
     assert abs(w_on.std().item() - (2 / fan_in) ** 0.5) < 0.15 * (2 / fan_in) ** 0.5
@@ -101,7 +109,7 @@ def test_kaiming_knob_changes_initial_statistics():
 
 
 def test_spec_rebuilds_the_same_module():
-    model = build(dc.replace(TINY, arch="convnext"), 28)
+    model = build(tiny("convnext"), 28)
     clone = from_spec(model.spec())
     clone.load_state_dict(model.state_dict())
     assert clone.config == model.config and clone.input_dim == 28
@@ -111,3 +119,19 @@ def test_ctc_min_frames_counts_repeats():
     import numpy as np
     assert ctc_min_frames(np.array([3, 3, 4, 4, 4, 5])) == 9
     assert ctc_min_frames(np.array([1, 2, 3])) == 3
+
+
+@pytest.mark.parametrize("arch, key, value", [("lstm", "convnext_blocks", 2), ("convnext", "dropout.lstm", 0.3)])
+def test_a_knob_the_architecture_ignores_is_refused_in_one_line(arch, key, value):
+    with pytest.raises(CtclabError) as err:
+        tiny(arch, **{key: value})
+    message = str(err.value)
+    assert f"model.{key} = {value!r}, expected" in message and f"model.arch = {arch}" in message
+    assert "\n" not in message
+
+
+def test_a_checkpoint_spec_is_validated_when_rebuilt():
+    spec = build(tiny(), 13).spec()
+    spec["config"]["hidden"] = "24"
+    with pytest.raises(CtclabError, match="model_spec: hidden = '24', expected an integer"):
+        from_spec(spec)

@@ -45,11 +45,36 @@ def test_second_repro_is_a_no_op(repro):
     assert "Running stage" not in out and "Data and pipelines are up to date" in out
 
 
+def set_param(project, section, key, value):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_keys_that_cannot_change_outputs_leave_dvc_status_clean(repro):
+    project, _ = repro
+    original = (project / "params.yaml").read_text()
+    set_param(project, "decode", "workers", 2)
+    set_param(project, "tracking", "uri", f"sqlite:///{project / 'elsewhere.db'}")
+    set_param(project, "train", "resume", "never")
+    set_param(project, "data", "synthetic", {**yaml.safe_load(original)["data"]["synthetic"], "workers": 2})
+    try:
+        status = run(project, sys.executable, "-m", "dvc", "status").stdout
+        assert "up to date" in status, status
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_ctclab_run_passes_flags_to_dvc_repro(repro):
+    project, _ = repro
+    out = run(project, sys.executable, "-m", "ctclab", "run", "-f", "-s", "evaluate").stdout
+    assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
+    assert "stage      evaluate" in out.split("ctclab summary")[1]
+
+
 def test_changing_only_beam_width_reruns_evaluate_and_submit_but_not_train(repro):
     project, _ = repro
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["decode"]["beam_width"] = 2
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(project, "decode", "beam_width", 2)
     status = run(project, sys.executable, "-m", "dvc", "status").stdout
     changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
     assert changed == {"evaluate", "submit"}, status

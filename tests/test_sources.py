@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_fall2022, make_spring2022, zip_folder
 from ctclab import kaggle, sources
-from ctclab.config import DataConfig, FeaturesConfig
+from project import config
 from ctclab.data import Shard, preprocess
 from ctclab.errors import CtclabError
 from ctclab.labels import INDEX
@@ -20,14 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def fetch_and_preprocess(tmp_path, cfg, **kw):
     layout = sources.fetch(cfg, tmp_path / "raw", progress=False, **kw)
-    meta = preprocess(tmp_path / "raw", tmp_path / "processed", FeaturesConfig())
+    meta = preprocess(tmp_path / "raw", tmp_path / "processed", config("features"))
     return layout, meta
 
 
 def test_spring2022_zip_local_fetch_strips_markers_and_keeps_test_order(tmp_path):
     src = make_spring2022(tmp_path / "download")
     archive = zip_folder(src, tmp_path / "11-785-s22-hw3p2.zip")
-    layout, meta = fetch_and_preprocess(tmp_path, DataConfig(source="local", path=str(archive)))
+    layout, meta = fetch_and_preprocess(tmp_path, config("data", source="local", path=str(archive)))
     assert layout.kind == "spring2022" and layout.submission_format == "spring2022"
     assert meta["feature_dim"] == 13 and meta["utterances"] == {"train": 6, "dev": 6, "test": 6}
     test = Shard(tmp_path / "processed" / "test")
@@ -44,7 +44,7 @@ def test_spring2022_zip_local_fetch_strips_markers_and_keeps_test_order(tmp_path
 @pytest.mark.parametrize("raw_subdir", [True, False])
 def test_fall2022_folder_with_28_dim_features(tmp_path, raw_subdir):
     src = make_fall2022(tmp_path / "src", dim=28, raw_subdir=raw_subdir)
-    layout, meta = fetch_and_preprocess(tmp_path, DataConfig(source="local", path=str(src)))
+    layout, meta = fetch_and_preprocess(tmp_path, config("data", source="local", path=str(src)))
     assert layout.kind == "fall2022" and layout.submission_format == "fall2022"
     assert meta["feature_dim"] == 28 and meta["bad_utterances"] == 0
     dev = Shard(tmp_path / "processed" / "dev")
@@ -64,7 +64,7 @@ def test_kaggle_fetch_downloads_and_extracts(tmp_path, monkeypatch):
             assert competition == "11-785-s22-hw3p2"
             Path(path, f"{competition}.zip").write_bytes(archive.read_bytes())
 
-    layout, meta = fetch_and_preprocess(tmp_path, DataConfig(source="kaggle"), kaggle_api=FakeApi())
+    layout, meta = fetch_and_preprocess(tmp_path, config("data", source="kaggle"), kaggle_api=FakeApi())
     assert layout.kind == "spring2022" and meta["utterances"]["train"] == 6
     assert not (tmp_path / "raw.download").exists()
 
@@ -78,7 +78,7 @@ def test_kaggle_failure_is_one_line_without_the_key(tmp_path, monkeypatch):
             raise OSError("403 Forbidden for key s3cr3t-key-value\nmore detail")
 
     with pytest.raises(CtclabError) as err:
-        sources.fetch(DataConfig(source="kaggle"), tmp_path / "raw", kaggle_api=RefusingApi())
+        sources.fetch(config("data", source="kaggle"), tmp_path / "raw", kaggle_api=RefusingApi())
     message = str(err.value)
     assert "s3cr3t-key-value" not in message and "***" in message and "\n" not in message
     assert not (tmp_path / "raw").exists()
@@ -91,7 +91,7 @@ def run_stage(project: Path, script: str, env_extra=None):
 
 
 def test_missing_kaggle_credentials_is_one_clear_line(tmp_path):
-    (tmp_path / "params.yaml").write_text("data:\n  source: kaggle\n")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("source: synthetic", "source: kaggle"))
     env = {"HOME": str(tmp_path), "KAGGLE_CONFIG_DIR": str(tmp_path / "none"), "KAGGLE_USERNAME": "",
            "KAGGLE_KEY": "", "KAGGLE_API_TOKEN": ""}
     r = run_stage(tmp_path, "fetch.py", env)
@@ -102,7 +102,8 @@ def test_missing_kaggle_credentials_is_one_clear_line(tmp_path):
 
 def test_unrecognised_layout_is_one_clear_line(tmp_path):
     (tmp_path / "stuff" / "audio").mkdir(parents=True)
-    (tmp_path / "params.yaml").write_text(f"data:\n  source: local\n  path: {tmp_path / 'stuff'}\n")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace(
+        "source: synthetic", "source: local").replace('path: ""', f"path: {tmp_path / 'stuff'}"))
     r = run_stage(tmp_path, "fetch.py")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no recognised dataset layout (found audio/)" in r.stderr

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import yaml
 
-from ctclab import studies
+from ctclab import report, studies
 from ctclab.errors import CtclabError
 from project import REPO, make_project, run
 
@@ -97,12 +97,12 @@ def write_study(tmp_path, **over):
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"variants": [{"name": "a", "params": {}}]}, "0 variants marked baseline"),
+    ({"variants": [{"name": "a", "params": {}}]}, "variants = '0 marked baseline: true', expected exactly one"),
     ({"variants": [{"name": "a", "baseline": True, "params": {"model.kaiminng": True}}]}, "unknown param 'model.kaiminng'"),
     ({"variants": [{"name": "a", "baseline": True, "params": {"train.epochs": "many"}}]}, "train.epochs = 'many', expected an integer"),
     ({"metric": "accuracy"}, "metric = 'accuracy'"),
-    ({"seeds": []}, "missing 'seeds'"),
-    ({"variant": []}, "unknown key 'variant'"),
+    ({"seeds": []}, "seeds = [], expected at least 1 item"),
+    ({"variant": []}, "unknown key variant; expected one of name, question"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, over, message):
     with pytest.raises(CtclabError) as err:
@@ -113,17 +113,17 @@ def test_bad_study_files_name_the_problem(tmp_path, over, message):
 def test_shipped_studies_load_and_smoke_sizes_are_small():
     for path in sorted((REPO / "experiments").glob("*.yaml")):
         s = studies.load(path, REPO / "params.yaml")
-        assert s.smoke_params["train.epochs"] == 1 and s.smoke_params["data.synthetic.train"] <= 32, path
+        assert s.smoke.params["train.epochs"] == 1 and s.smoke.params["data.synthetic.train"] <= 32, path
 
 
 def test_paired_interval_and_verdicts():
-    assert studies.paired([0.5]) is None
-    m, lo, hi = studies.paired([-1.0, -1.2, -0.9, -1.1])
+    assert report.paired([0.5]) is None
+    m, lo, hi = report.paired([-1.0, -1.2, -0.9, -1.1])
     assert m == pytest.approx(-1.05) and lo < m < hi < 0
-    assert studies.verdict((m, lo, hi), 4) == "better"
-    assert studies.verdict((1.0, 0.2, 1.8), 3) == "worse"
-    assert studies.verdict((0.1, -0.5, 0.7), 3) == "no detectable difference with 3 seeds"
-    assert studies.verdict(None, 1) == "no interval with n=1 seed"
+    assert report.verdict((m, lo, hi), 4) == "better"
+    assert report.verdict((1.0, 0.2, 1.8), 3) == "worse"
+    assert report.verdict((0.1, -0.5, 0.7), 3) == "no detectable difference with 3 seeds"
+    assert report.verdict(None, 1) == "no interval with n=1 seed"
 
 
 def test_parallel_queue_workers_share_the_cores(monkeypatch):

@@ -13,7 +13,10 @@ import torch
 
 from ctclab.config import load_params
 from ctclab.data import preprocess
-from ctclab.train import RESUME_DIR, bucket_batches, load_checkpoint, train
+from ctclab.batching import bucket_batches
+from ctclab.checkpoint import RESUME_DIR
+from ctclab.inference import load_checkpoint
+from ctclab.train import train
 from project import env, make_project
 
 
@@ -37,7 +40,8 @@ def run_train(project):
 
 @pytest.mark.parametrize("arch", ["lstm", "convnext", "conv_lstm"])
 def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, arch):
-    project = project_with_data(tmp_path, processed, {"model": {"arch": arch}, "train": {"epochs": 1}})
+    neutral = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout": {"lstm": 0.0}}}.get(arch, {})
+    project = project_with_data(tmp_path, processed, {"model": {"arch": arch, **neutral}, "train": {"epochs": 1}})
     result = run_train(project)
     assert (project / "models/best.pt").is_file() and (project / "models/last.pt").is_file()
     metrics = json.loads((project / "metrics/train.json").read_text())

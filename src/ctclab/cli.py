@@ -1,8 +1,10 @@
 """The `ctclab` command.
 
-    ctclab run                 dvc repro, then a summary (data, utterances, stage times, metrics)
-    ctclab ui [--port 5000]    the MLflow UI on the project's tracking store
-    ctclab study run|report    ablation studies from experiments/<study>.yaml (see ctclab.studies)
+    ctclab run [dvc repro flags]   dvc repro (e.g. `ctclab run -f`, `ctclab run -s evaluate`), then a
+                                   summary (data, utterances, stage times, metrics)
+    ctclab ui [--port 5000]        the MLflow UI on the project's tracking store (tracking.uri)
+    ctclab study run|report        ablation studies from experiments/<study>.yaml (see ctclab.studies)
+    ctclab params --schema         the JSON schema of params.yaml
 """
 from __future__ import annotations
 
@@ -15,24 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import studies
-from .errors import CtclabError, one_line_errors
-
-
-def repo_root(start: Path | None = None) -> Path:
-    here = (start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file():
-            return d
-    raise CtclabError(f"{here}: not inside a ctclab project (no dvc.yaml + params.yaml above it)")
-
-
-def tool_env() -> dict[str, str]:
-    """Environment in which `python` and `dvc` are this interpreter's (the project venv's)."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
-
+from .errors import one_line_errors
+from .project import repo_root, tool_env
 
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
 _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
@@ -108,10 +94,11 @@ def cmd_run(a) -> int:
 
 
 def cmd_ui(a) -> int:
+    from .config import load_params
     from .tracking import tracking_uri
 
     root = repo_root()
-    uri = tracking_uri("", root)
+    uri = tracking_uri(load_params(root / "params.yaml").tracking.uri, root)
     print(f"MLflow UI for {uri} at http://{a.host}:{a.port}  (Ctrl-C stops it)", flush=True)
     os.chdir(root)
     # exec, not a child: signals reach the server (and its workers) directly
@@ -119,17 +106,79 @@ def cmd_ui(a) -> int:
                                "--host", a.host, "--port", str(a.port)], tool_env())
 
 
-@one_line_errors
-def main(argv=None) -> None:
+def cmd_params(a) -> int:
+    from .config import json_schema, load_params
+
+    if a.schema:
+        print(json.dumps(json_schema(), indent=2))
+    else:
+        load_params(repo_root() / "params.yaml")
+        print("params.yaml: valid")
+    return 0
+
+
+def cmd_study_run(a) -> int:
+    from . import report, studies
+
+    root = repo_root()
+    study = studies.load(a.study, root / "params.yaml")
+    result = studies.run_study(study, root, a.jobs, tuple(a.seeds) if a.seeds else None, a.smoke)
+    print(f"study {study.name}: {len(result['queued']) - len(result['failed'])} ran, {len(result['skipped'])} skipped "
+          f"(already complete), {len(result['failed'])} failed in {result['seconds']:.0f} s; parent MLflow run "
+          f"{result['parent_run_id']}")
+    for name in result["failed"]:
+        print(f"  FAILED {name}: see its log with `dvc queue logs {name}`")
+    if result["queued"] or result["skipped"]:
+        md = report.report(study, root, a.smoke)
+        print(f"report: {md.relative_to(root)}")
+    return 1 if result["failed"] else 0
+
+
+def cmd_study_report(a) -> int:
+    from . import report, studies
+
+    root = repo_root()
+    md = report.report(studies.load(a.study, root / "params.yaml"), root, a.smoke)
+    print(f"report: {md.relative_to(root)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ctclab", description="CTC phoneme-recognition experiments with DVC + MLflow")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="dvc repro the pipeline and print a summary")
-    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra arguments for dvc repro")
+    p = sub.add_parser("run", help="dvc repro the pipeline and print a summary; other flags go to dvc repro",
+                       usage="ctclab run [dvc repro flags and targets, e.g. -f or -s evaluate]")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
-    studies.add_commands(sub)
-    a = ap.parse_args(argv)
+    p = sub.add_parser("params", help="check params.yaml, or print its JSON schema")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema (for editors)")
+    p.set_defaults(func=cmd_params)
+    p = sub.add_parser("study", help="run or report an ablation study (experiments/<study>.yaml)")
+    ssub = p.add_subparsers(dest="study_command", required=True)
+    r = ssub.add_parser("run", help="queue every variant × seed as a DVC experiment and run them")
+    r.add_argument("study")
+    r.add_argument("-j", "--jobs", type=int, default=1)
+    r.add_argument("--seeds", type=int, nargs="+")
+    r.add_argument("--smoke", action="store_true", help="the study's smoke size (tiny corpus, 1 epoch)")
+    r.set_defaults(func=cmd_study_run)
+    q = ssub.add_parser("report", help="write experiments/reports/<study>.md from MLflow")
+    q.add_argument("study")
+    q.add_argument("--smoke", action="store_true")
+    q.set_defaults(func=cmd_study_report)
+    return ap
+
+
+@one_line_errors
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser()
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:]):
+        # everything after `run` belongs to dvc repro, flags included (argparse would refuse `-f`)
+        a = ap.parse_args(["run"])
+        a.dvc_args = [x for x in argv[1:] if x != "--"]
+    else:
+        a = ap.parse_args(argv)
     sys.exit(a.func(a))

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
+from .layouts import CORPUS_MARKER
 from .labels import INDEX
 
 SPLITS = ("train", "dev", "test")
 FORMAT_VERSION = 1
-MARKER = "ctclab_corpus.json"
 
 # --- text --------------------------------------------------------------------------------------
 _WORDS = {
@@ -306,7 +306,7 @@ def generate(out: str | Path, seed: int, sizes: dict[str, int], min_words: int =
                "max_words": max_words, "speakers": speakers, "sample_rate": 22050,
                "hours": round(sum(r["seconds"] for s in SPLITS for r in rows[s]) / 3600, 3),
                "frames": sum(r["frames"] for s in SPLITS for r in rows[s]), "unmapped_mnemonics": unmapped}
-    storage.write_json(out / MARKER, summary)
+    storage.write_json(out / CORPUS_MARKER, summary)
     return summary
 
 

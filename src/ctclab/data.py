@@ -191,9 +191,6 @@ class Shard:
     def frames(self) -> np.ndarray:
         return np.diff(self.frame_offsets)
 
-    def label_counts(self) -> np.ndarray:
-        return np.diff(self.label_offsets)
-
     def label(self, i: int) -> np.ndarray:
         return self.labels[self.label_offsets[i]:self.label_offsets[i + 1]].astype(np.int64)
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import MARKER
 from .errors import CtclabError
 
+# The file that marks a folder as ctclab's own corpus layout (written by ctclab.corpus).
+CORPUS_MARKER = "ctclab_corpus.json"
 MARKERS = {"<sos>", "<eos>", "[SOS]", "[EOS]"}
 SYMBOL_ALIASES = {"[SIL]": "SIL"}
 
@@ -80,7 +81,7 @@ def detect(root: str | Path) -> Layout:
     if not root.is_dir():
         raise CtclabError(f"{root}: not a folder; expected an HW3P2 dataset folder or a ctclab corpus")
     for d in _candidates(root):
-        if (d / MARKER).is_file() and _has(d, "train/mfcc", "dev/mfcc", "test/mfcc"):
+        if (d / CORPUS_MARKER).is_file() and _has(d, "train/mfcc", "dev/mfcc", "test/mfcc"):
             splits = {s: Split(d / s / "mfcc", _transcripts(d / s)) for s in ("train", "dev", "test")}
             return Layout("ctclab", d, splits, _read_test_order(d / "test/test_order.csv", d / "test/mfcc"))
         if _has(d, "train/mfcc", "train/transcript", "dev/mfcc", "dev/transcript", "test/mfcc"):

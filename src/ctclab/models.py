@@ -7,7 +7,9 @@
 
 Every model maps features [B, T, D] and lengths [B] to log-probabilities [B, T', classes] and
 output lengths; `downsample` says T/T'. Ablation knobs: dropout.embedding (after the front end),
-dropout.lstm (between LSTM layers), dropout.classifier (before the last Linear), kaiming.
+dropout.lstm (between LSTM layers), dropout.classifier (before the last Linear), kaiming. Knobs an
+architecture has no place for are refused by ctclab.config (A1 has no ConvNeXt blocks, A2 no
+LSTM); for A2, lstm_layers is the number of residual stages and convnext_blocks the blocks in each.
 
 The BiLSTM runs packed on CUDA (cuDNN) and unpacked on the CPU, where backward through packed
 sequences is 10–70× slower; both paths use the same weights and give the same outputs.
@@ -15,13 +17,11 @@ sequences is 10–70× slower; both paths use the same weights and give the same
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .config import DropoutConfig, ModelConfig
+from .config import ModelConfig
 from .labels import NUM_CLASSES
 
 
@@ -113,7 +113,7 @@ class CTCModel(nn.Module):
             # width (2h), so the three architectures compare at similar parameter counts.
             stages = [nn.Conv1d(cfg.embed_dim, 2 * h, 1)]
             for _ in range(cfg.lstm_layers):
-                stages += [ConvNeXtBlock1d(2 * h) for _ in range(max(1, cfg.convnext_blocks))]
+                stages += [ConvNeXtBlock1d(2 * h) for _ in range(cfg.convnext_blocks)]
             self.body = nn.Sequential(*stages)
             head_in = 2 * h
         else:
@@ -146,7 +146,7 @@ class CTCModel(nn.Module):
 
     def spec(self) -> dict:
         """Everything needed to rebuild this module (stored in checkpoints)."""
-        return {"config": asdict(self.config), "input_dim": self.input_dim, "num_classes": self.num_classes}
+        return {"config": self.config.model_dump(), "input_dim": self.input_dim, "num_classes": self.num_classes}
 
 
 def _kaiming(m: nn.Module) -> None:
@@ -161,9 +161,16 @@ def build(cfg: ModelConfig, input_dim: int, num_classes: int = NUM_CLASSES) -> C
 
 
 def from_spec(spec: dict) -> CTCModel:
-    c = dict(spec["config"])
-    c["dropout"] = DropoutConfig(**c["dropout"])
-    return CTCModel(ModelConfig(**c), spec["input_dim"], spec["num_classes"])
+    """Rebuild a model from a checkpoint's spec, validating its config like params.yaml."""
+    from .config import one_line
+    from .errors import CtclabError
+    from pydantic import ValidationError
+
+    try:
+        cfg = ModelConfig.model_validate(spec["config"])
+    except ValidationError as err:
+        raise CtclabError(one_line(err, "checkpoint model_spec", ModelConfig)) from None
+    return CTCModel(cfg, spec["input_dim"], spec["num_classes"])
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -1,0 +1,87 @@
+"""Training checkpoints: what one holds, writing it (serialised once, written atomically), and
+resuming an interrupted training from it.
+
+Every epoch-end checkpoint carries the model spec and weights, optimizer, scheduler, grad scaler,
+RNG states (torch, CUDA, augmentation), epoch, history and best metric. It goes to models/last.pt,
+to models/best.pt when the dev distance improved, and to .ctclab/resume/<fingerprint>.pt — outside
+DVC's outs, so the stage stays in DVC's run cache — with the MLflow run id beside it in
+<fingerprint>.json. A train stage with the same model/train params and data that finds it resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import storage
+from .config import Params, flatten
+
+RESUME_DIR = Path(".ctclab") / "resume"
+
+
+def fingerprint(params: Params, data_hash: str) -> str:
+    """Identity of a training: its model and train params plus the data it reads."""
+    blob = json.dumps({k: v for k, v in flatten(params).items() if k.split(".")[0] in ("model", "train")},
+                      sort_keys=True, default=str) + data_hash
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Progress:
+    """Where a training stands: the next epoch to run, the best dev distance, the per-epoch rows."""
+    epoch: int = 0
+    best: float = math.inf
+    history: list[dict] = field(default_factory=list)
+    run_id: str | None = None
+
+
+def state(model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device: torch.device,
+          progress: Progress) -> dict:
+    return {"model_spec": model.spec(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "epoch": progress.epoch, "history": progress.history,
+            "best": progress.best,
+            "rng": {"torch": torch.get_rng_state(), "augment": aug_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
+
+
+def write_epoch(ckpt: dict, out_dir: Path, resume_path: Path, improved: bool, run_id: str) -> None:
+    """One serialisation, written to last.pt, best.pt (if improved) and the resume slot."""
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    data = buf.getvalue()
+    storage.write_bytes(out_dir / "last.pt", data)
+    if improved:
+        storage.write_bytes(out_dir / "best.pt", data)
+    storage.write_json(resume_path.with_suffix(".json"), {"mlflow_run_id": run_id, "epoch": ckpt["epoch"]})
+    storage.write_bytes(resume_path, data)
+
+
+def resume(resume_path: Path, model, optimizer, scheduler, scaler, aug_gen: torch.Generator,
+           device: torch.device) -> Progress | None:
+    """Load an interrupted training's state into the given objects; None if there is none."""
+    run_file = resume_path.with_suffix(".json")
+    if not (resume_path.is_file() and run_file.is_file()):
+        return None
+    saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    aug_gen.set_state(saved["rng"]["augment"])
+    if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    run_id = json.loads(run_file.read_text())["mlflow_run_id"]
+    return Progress(saved["epoch"], saved["best"], saved["history"], run_id)
+
+
+def clear(resume_path: Path) -> None:
+    resume_path.unlink(missing_ok=True)
+    resume_path.with_suffix(".json").unlink(missing_ok=True)

@@ -1,0 +1,90 @@
+"""Running a trained model: device and AMP choice, checkpoint → model, and one pass over a split
+that gives the CTC loss and each decoder's hypotheses. Used by training (per-epoch dev scores),
+evaluate, submit and the benchmarks; it knows nothing of optimisers or tracking.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import models
+from .batching import collate
+from .data import Shard
+from .decode import greedy
+from .errors import CtclabError
+
+
+def select_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CtclabError("params.yaml: train.device = 'cuda', but no CUDA device is available; use auto or cpu")
+    return torch.device("cuda" if choice in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    import platform
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CtclabError(f"{path}: no checkpoint; run the train stage first (dvc repro train)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> models.CTCModel:
+    ckpt = load_checkpoint(path)
+    model = models.from_spec(ckpt["model_spec"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, decoders: dict | None = None):
+    """Loss over the utterances CTC can align, and each decoder's hypotheses for every utterance
+    (in shard order). Returns (loss, {decoder name: hypotheses}, {decoder name: seconds})."""
+    model.eval()
+    decoders = decoders or {"greedy": greedy}
+    ctc = nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
+    dtype = amp_dtype(device)
+    order = np.argsort(shard.frames(), kind="stable")
+    hyps: dict[str, dict[int, list[int]]] = {name: {} for name in decoders}
+    seconds = dict.fromkeys(decoders, 0.0)
+    total_loss, total_utts = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate(shard, idx).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            log_probs, out_lengths = model(batch.features, batch.lengths)
+        if batch.targets.numel():
+            ok = out_lengths >= batch.target_lengths
+            loss = ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
+            total_loss, total_utts = total_loss + float(loss), total_utts + int(ok.sum())
+        for name, decode in decoders.items():
+            t0 = time.perf_counter()
+            hyps[name].update(zip(idx.tolist(), decode(log_probs, out_lengths)))
+            seconds[name] += time.perf_counter() - t0
+    ordered = {name: [h[i] for i in range(len(shard))] for name, h in hyps.items()}
+    return total_loss / max(1, total_utts), ordered, seconds
+
+
+def decode_split(checkpoint_path: Path, shard: Shard, beam_width: int, workers: int, with_greedy: bool):
+    """Best checkpoint over a split with beam search (and greedy): (loss, hypotheses, seconds)."""
+    from .decode import BeamDecoder
+
+    device = select_device("auto")
+    model = load_model(checkpoint_path, device)
+    with BeamDecoder(beam_width, workers) as beam:
+        decoders = {"greedy": greedy, "beam": beam.decode} if with_greedy else {"beam": beam.decode}
+        return evaluate_split(model, shard, 64, device, decoders)

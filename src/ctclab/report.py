@@ -1,0 +1,148 @@
+"""A study's report from its MLflow child runs: per variant the mean ± std over seeds, a paired
+difference against the baseline with a t-based 95 % interval and a verdict, learning curves.
+
+    ctclab study report experiments/kaiming.yaml [--smoke]   →  experiments/reports/<study>.md
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from . import storage, tracking
+from .studies import Study, Variant, finished, parent_run
+
+
+def paired(diffs: list[float]) -> tuple[float, float, float] | None:
+    """Mean of paired differences and its t-based 95 % interval; None with fewer than 2 pairs."""
+    if len(diffs) < 2:
+        return None
+    if np.ptp(diffs) == 0:  # no spread: the interval is the point (scipy would give nan)
+        return float(diffs[0]), float(diffs[0]), float(diffs[0])
+    lo, hi = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+    return float(np.mean(diffs)), float(lo), float(hi)
+
+
+def verdict(interval, n: int) -> str:
+    if interval is None:
+        return f"no interval with n={n} seed{'s' if n != 1 else ''}"
+    _, lo, hi = interval
+    if hi < 0:
+        return "better"
+    if lo > 0:
+        return "worse"
+    return f"no detectable difference with {n} seeds"
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
+
+
+def latest_by_variant(study: Study, runs: list[tracking.RunRecord]) -> dict[str, dict[int, tracking.RunRecord]]:
+    """Finished child runs as {variant: {seed: run}}; the latest run of a variant × seed wins."""
+    by_variant: dict[str, dict[int, tracking.RunRecord]] = {v.name: {} for v in study.variants}
+    for c in sorted(runs, key=lambda c: c.start_time):
+        v, s = c.tags.get("variant"), c.tags.get("seed")
+        if v in by_variant and s is not None and finished(c, study.metric):
+            by_variant[v][int(s)] = c
+    return by_variant
+
+
+def _header(study: Study, smoke: bool, parent: tracking.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
+    lines = [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
+             f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{parent.run_id}` "
+             f"in experiment `{parent.experiment_id}`.", ""]
+    if any_run is not None:
+        t = any_run.tags
+        # runs from before the cpu_count tag existed: the count is known only if this is their host
+        cores = t.get("cpu_count") or (str(os.cpu_count()) if t.get("host") == platform.node() else None)
+        hardware = ", ".join(x for x in (t.get("device_name"), cores and f"{cores} CPU cores") if x)
+        lines += [f"Data: `{any_run.params.get('data.source', '?')}` corpus, "
+                  f"{any_run.params.get('data.synthetic.train', '?')} train utterances (data hash "
+                  f"`{t.get('data_hash', '?')[:12]}`). Hardware: {t.get('device', '?')}"
+                  f"{f' ({hardware})' if hardware else ''} on `{t.get('host', '?')}`, torch {t.get('torch_version', '?')}.",
+                  ""]
+    return lines + ["| variant | params vs baseline | n | mean ± std | Δ vs baseline (95 % CI) | verdict | parameters | "
+                    "train s | decode utt/s | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], base: dict[int, tracking.RunRecord]) -> str:
+    if not rs:
+        return f"| {v.name} | {_diff(v, study)} | 0 | – | – | no finished runs | – | – | – | – |"
+    m, sd = mean_std([rs[s].metrics[study.metric] for s in sorted(rs)])
+    if v.baseline:
+        delta, word = "–", "baseline"
+    else:
+        common = sorted(set(rs) & set(base))
+        diffs = [rs[s].metrics[study.metric] - base[s].metrics[study.metric] for s in common]
+        interval = paired(diffs)
+        delta = (f"{interval[0]:+.3f} [{interval[1]:+.3f}, {interval[2]:+.3f}]" if interval else
+                 (f"{diffs[0]:+.3f}" if diffs else "–"))
+        word = verdict(interval, len(common))
+    first = rs[sorted(rs)[0]]
+    train_s = mean_std([r.metrics.get("train_seconds", math.nan) for r in rs.values()])[0]
+    decode = mean_std([r.metrics.get("decode_beam_utterances_per_second", math.nan) for r in rs.values()])[0]
+    ids = ", ".join(f"`{rs[s].run_id[:8]}`" for s in sorted(rs))
+    return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {word} | "
+            f"{first.params.get('parameter_count', first.tags.get('parameter_count', '?'))} | "
+            f"{train_s:.0f} | {decode:.0f} | {ids} |")
+
+
+def _plot_curves(study: Study, by_variant: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rs in by_variant.items():
+        if not rs:
+            continue
+        per_seed = [_curve(r) for r in rs.values()]
+        steps = sorted({s for c in per_seed for s, _ in c})
+        mean = [float(np.mean([v for c in per_seed for s, v in c if s == st])) for st in steps]
+        ax.plot(steps, mean, marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("dev greedy Levenshtein (mean over seeds)")
+    ax.set_title(f"{study.name}: learning curves")
+    ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = "experiments/reports") -> Path:
+    parent = parent_run(study, smoke, root, create=False)
+    by_variant = latest_by_variant(study, tracking.children(parent))
+    out_dir, stem = root / out_dir, study.name + ("-smoke" if smoke else "")
+    base = by_variant[study.baseline.name]
+    any_run = next((c for rs in by_variant.values() for c in rs.values()), None)
+    lines = _header(study, smoke, parent, any_run)
+    lines += [_row(study, v, by_variant[v.name], base) for v in study.variants]
+    png = out_dir / f"{stem}_curves.png"
+    _plot_curves(study, by_variant, png)
+    lines += ["", "Verdicts compare each variant with the baseline seed by seed (paired differences, t-based 95 % "
+              "interval; negative = lower distance than baseline).", "", f"![learning curves]({png.name})", ""]
+    md = out_dir / f"{stem}.md"
+    storage.write_text(md, "\n".join(lines))
+    tracking.log_parent_artifacts(parent, [md, png], "report")
+    return md
+
+
+def _curve(run: tracking.RunRecord) -> list[tuple[int, float]]:
+    """Per-epoch dev greedy distance of a child run (epochs count from 1)."""
+    key = "epoch/dev_lev_greedy" if "epoch/dev_lev_greedy" in run.metrics else "dev_lev_greedy"
+    return [(step, value) for step, value in tracking.metric_history(run.run_id, key) if step >= 1]
+
+
+def _diff(v: Variant, study: Study) -> str:
+    b = study.baseline.params
+    diff = {k: val for k, val in v.params.items() if b.get(k) != val}
+    diff.update({k: "default" for k in b if k not in v.params})
+    return ", ".join(f"`{k}={val}`" for k, val in diff.items()) or "–"

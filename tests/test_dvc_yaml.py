@@ -1,0 +1,86 @@
+"""dvc.yaml stays true to the code: each stage's deps are exactly its script plus the src/ctclab
+modules in the script's import closure, and its params exactly the keys the script declares."""
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctclab.config import flatten
+from project import DEFAULTS, REPO
+
+PACKAGE = REPO / "src" / "ctclab"
+
+
+def ctclab_imports(path: Path) -> set[str]:
+    """ctclab modules a file imports (at any depth: lazy imports inside functions count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ctclab.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # from . import x / from .x import y, inside the package
+                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif node.module == "ctclab":
+                found |= {a.name for a in node.names}
+            elif node.module and node.module.startswith("ctclab."):
+                found.add(node.module.split(".")[1])
+    return {m for m in found if (PACKAGE / f"{m}.py").is_file()}
+
+
+def import_closure(script: Path) -> set[str]:
+    seen, todo = set(), list(ctclab_imports(script))
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += ctclab_imports(PACKAGE / f"{m}.py")
+    return seen
+
+
+def declared_params(script: Path) -> list[str]:
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.PARAMS)
+
+
+def disagreements(dvc: dict) -> list[str]:
+    """Every way dvc.yaml's stages differ from what their scripts import and declare."""
+    problems = []
+    for name, stage in dvc["stages"].items():
+        script = Path(next(w for w in stage["cmd"].split() if w.endswith(".py")))
+        deps = set(stage.get("deps", []))
+        code_deps = {d for d in deps if d.startswith(("src/", "pipeline/"))}
+        expected = {str(script)} | {f"src/ctclab/{m}.py" for m in import_closure(REPO / script)}
+        problems += [f"{name}: missing dep {d}" for d in sorted(expected - code_deps)]
+        problems += [f"{name}: dep {d} is not imported by {script}" for d in sorted(code_deps - expected)]
+        params = stage.get("params", [])
+        if params != declared_params(REPO / script):
+            problems.append(f"{name}: params {params} != {script}.PARAMS {declared_params(REPO / script)}")
+    return problems
+
+
+def test_dvc_yaml_deps_and_params_match_the_code():
+    assert disagreements(yaml.safe_load((REPO / "dvc.yaml").read_text())) == []
+
+
+def test_the_check_catches_a_removed_dep_and_a_stale_param():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    dvc["stages"]["submit"]["deps"].remove("src/ctclab/labels.py")
+    dvc["stages"]["train"]["deps"].append("src/ctclab/corpus.py")
+    dvc["stages"]["evaluate"]["params"].append("decode.workers")
+    assert disagreements(dvc) == [
+        "train: dep src/ctclab/corpus.py is not imported by pipeline/train.py",
+        f"evaluate: params {dvc['stages']['evaluate']['params']} != pipeline/evaluate.py.PARAMS "
+        f"{dvc['stages']['evaluate']['params'][:-1]}",
+        "submit: missing dep src/ctclab/labels.py",
+    ]
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "pipeline").glob("*.py")), ids=lambda p: p.stem)
+def test_declared_params_are_real_keys(script):
+    keys = set(flatten(DEFAULTS))
+    for p in declared_params(script):
+        assert p in keys or any(k.startswith(p + ".") for k in keys), f"{script.name}: {p} is not a params.yaml key"

@@ -1,0 +1,89 @@
+"""MLflow tracking: where the store is, training runs and their resumption, study parent/child runs."""
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from ctclab import tracking
+from ctclab.errors import CtclabError
+
+
+@pytest.fixture
+def store(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_default_store_is_the_real_repo_root_also_from_a_dvc_temp_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "_USER_URI", "")
+    inside = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12" / "sub"
+    assert tracking.tracking_uri("", inside) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert tracking.tracking_uri("http://127.0.0.1:5005", inside) == "http://127.0.0.1:5005"
+    monkeypatch.setattr(tracking, "_USER_URI", "sqlite:////elsewhere.db")
+    assert tracking.tracking_uri("", inside) == "sqlite:////elsewhere.db"
+
+
+def test_experiment_artifacts_live_beside_the_default_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "_USER_URI", "")
+    exp_id = tracking.experiment_id("", "e1", tmp_path)
+    assert tracking.experiment_id("", "e1", tmp_path) == exp_id  # found, not created twice
+    location = mlflow.MlflowClient().get_experiment(exp_id).artifact_location
+    assert location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_training_run_logs_once_and_a_resumed_run_is_the_same_run(tmp_path, store):
+    params, tags = {"model.hidden": 8, "train.seed": 1}, {"device": "cpu", "parameter_count": 42}
+    with tracking.training_run(store, "t", tmp_path, None, params, tags) as run:
+        run.log_metrics({"dev_loss": 2.0}, step=1)
+        first = run.run_id
+    with tracking.training_run(store, "t", tmp_path, first, {"model.hidden": 999}, {"device": "cuda"}) as run:
+        run.log_metrics({"dev_loss": 1.0}, step=2)
+        assert run.run_id == first
+    client = mlflow.MlflowClient(store)
+    r = client.get_run(first)
+    assert r.data.params == {"model.hidden": "8", "train.seed": "1"}  # not overwritten on resume
+    assert r.data.tags["device"] == "cpu" and r.data.tags["parameter_count"] == "42"
+    assert [(m.step, m.value) for m in client.get_metric_history(first, "dev_loss")] == [(1, 2.0), (2, 1.0)]
+    freeze = client.download_artifacts(first, "environment/pip-freeze.txt", str(tmp_path))
+    assert "mlflow==" in Path(freeze).read_text()
+
+
+def test_provenance_names_commit_dirt_and_versions(tmp_path):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "f").write_text("x")
+    subprocess.run(["git", "add", "f"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    clean = tracking.provenance_tags(tmp_path, "abc", "cpu", "x86_64")
+    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] == "false" and clean["data_hash"] == "abc"
+    (tmp_path / "f").write_text("changed")
+    assert tracking.provenance_tags(tmp_path, "abc", "cpu", "x86_64")["git_dirty"] == "true"
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    (outside / ".git").write_text("gitdir: /nonexistent")  # git fails here: the tag says so
+    assert tracking.provenance_tags(outside, "abc", "cpu", "x86_64")["git_commit"] == "unknown"
+
+
+def test_study_parent_and_child_runs(tmp_path, store):
+    assert tracking.find_parent(store, "s", tmp_path, "kaiming", smoke=True) is None
+    parent = tracking.create_parent(store, "s", tmp_path, "kaiming", True, "kaiming (smoke)", "q?", "name: kaiming\n")
+    assert tracking.find_parent(store, "s", tmp_path, "kaiming", smoke=True) == parent
+    assert tracking.find_parent(store, "s", tmp_path, "kaiming", smoke=False) is None
+    with tracking.training_run(store, "s", tmp_path, None, {"model.kaiming": True}, {"parameter_count": 7}) as run:
+        for epoch, v in ((1, 5.0), (2, 3.0)):
+            run.log_metrics({"dev_lev_greedy": v, "epoch_seconds": 10.0}, step=epoch)
+    child = tracking.log_study_child(store, run.run_id, parent.run_id,
+                                     {"study": "kaiming", "variant": "on", "seed": "0"}, {"decode.beam_width": 4},
+                                     {"dev_lev_beam": 2.5}, {"evaluate/worst.tsv": "id\n"})
+    [record] = tracking.children(parent)
+    assert record.run_id == child and record.status == "FINISHED"
+    assert record.tags["variant"] == "on" and record.tags["training_run_id"] == run.run_id
+    assert record.params == {"model.kaiming": "True", "decode.beam_width": "4"}
+    assert record.metrics["dev_lev_beam"] == 2.5 and record.metrics["train_seconds"] == 20.0
+    assert record.metrics["parameter_count"] == 7.0
+    assert tracking.metric_history(child, "epoch/dev_lev_greedy") == [(1, 5.0), (2, 3.0)]
+
+
+def test_a_missing_run_pointer_is_one_line(tmp_path):
+    with pytest.raises(CtclabError, match="mlflow_run.json: missing; run the train stage first"):
+        tracking.training_run_info(tmp_path)
