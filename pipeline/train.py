@@ -8,9 +8,9 @@ from ctclab.errors import one_line_errors
 from ctclab.train import train
 
 # The keys that change what train writes: train.resume only decides whether an interrupted run
-# continues (bit-identically), tracking.* only where the run is logged.
+# continues, train.loader_workers only how fast batches arrive, tracking.* only where the run is logged.
 PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer", "train.weight_decay",
-          "train.scheduler", "train.grad_clip", "train.seed", "train.device", "train.specaugment"]
+          "train.scheduler", "train.grad_clip", "train.seed", "train.device", "train.amp", "train.specaugment"]
 
 
 @one_line_errors

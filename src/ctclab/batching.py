@@ -35,23 +35,66 @@ def bucket_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) 
 @dataclass
 class Batch:
     features: torch.Tensor  # [B, T, D]
-    lengths: torch.Tensor   # [B]
+    lengths: torch.Tensor   # [B], always on the CPU (packing and CTC read them there)
     targets: torch.Tensor   # concatenated label indices
-    target_lengths: torch.Tensor
+    target_lengths: torch.Tensor  # [B], always on the CPU
     labels: list[list[int]]
 
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin-memory thread on CUDA."""
+        return Batch(self.features.pin_memory(), self.lengths, self.targets.pin_memory(), self.target_lengths,
+                     self.labels)
+
     def to(self, device: torch.device) -> "Batch":
-        pin = device.type == "cuda"
-        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pin else (lambda t: t.to(device))
-        return Batch(move(self.features), move(self.lengths), move(self.targets), move(self.target_lengths), self.labels)
+        """Features and targets to `device` (asynchronously from pinned memory); lengths stay."""
+        if device.type == "cpu":
+            return self
+        return Batch(self.features.to(device, non_blocking=True), self.lengths,
+                     self.targets.to(device, non_blocking=True), self.target_lengths, self.labels)
 
 
-def collate(shard: Shard, indices) -> Batch:
-    items = [shard.item(int(i)) for i in indices]
+def collate_items(items: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) -> Batch:
+    """Pad (features [T, D], labels) pairs into one Batch."""
     lengths = torch.tensor([len(x) for x, _ in items])
-    feats = torch.zeros(len(items), int(lengths.max()), shard.feature_dim)
+    feats = torch.zeros(len(items), int(lengths.max()) if items else 0, feature_dim)
     for k, (x, _) in enumerate(items):
         feats[k, : len(x)] = torch.as_tensor(np.array(x))
     labels = [y.tolist() for _, y in items]
     targets = torch.from_numpy(np.concatenate([y for _, y in items])) if items else torch.zeros(0, dtype=torch.long)
     return Batch(feats, lengths, targets.long(), torch.tensor([len(y) for y in labels]), labels)
+
+
+def collate(shard: Shard, indices) -> Batch:
+    return collate_items([shard.item(int(i)) for i in indices], shard.feature_dim)
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Utterance i of a shard; worker processes reopen the memory map instead of pickling it."""
+
+    def __init__(self, shard: Shard):
+        self.folder, self.feature_dim, self._shard = shard.folder, shard.feature_dim, shard
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def __getitem__(self, i: int):
+        return self._shard.item(int(i))
+
+    def __getstate__(self):
+        return {"folder": self.folder, "feature_dim": self.feature_dim}
+
+    def __setstate__(self, state):
+        self.folder, self.feature_dim, self._shard = state["folder"], state["feature_dim"], Shard(state["folder"])
+
+    def collate(self, items) -> Batch:
+        return collate_items(items, self.feature_dim)
+
+
+def loader(shard: Shard, batches: list[np.ndarray], workers: int, device: torch.device):
+    """A DataLoader yielding the given batches in order: `workers` processes collate ahead of the
+    training step (0 = in this process), pinned memory and prefetch on CUDA. Same batches, same
+    order, same bytes whatever the worker count."""
+    dataset = ShardDataset(shard)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in batches],
+                                       collate_fn=dataset.collate, num_workers=workers,
+                                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)

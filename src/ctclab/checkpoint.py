@@ -5,7 +5,9 @@ Every epoch-end checkpoint carries the model spec and weights, optimizer, schedu
 RNG states (torch, CUDA, augmentation), epoch, history and best metric. It goes to models/last.pt,
 to models/best.pt when the dev distance improved, and to .ctclab/resume/<fingerprint>.pt — outside
 DVC's outs, so the stage stays in DVC's run cache — with the MLflow run id beside it in
-<fingerprint>.json. A train stage with the same model/train params and data that finds it resumes.
+<fingerprint>.json. A train stage with the same model/train params, data, device and AMP dtype
+that finds it resumes. On the CPU a resumed run is bit-identical to an uninterrupted one; on CUDA it
+is not (cuDNN's LSTM dropout draws from its own RNG state, which is not saved).
 """
 from __future__ import annotations
 
@@ -24,10 +26,16 @@ from .config import Params, flatten
 RESUME_DIR = Path(".ctclab") / "resume"
 
 
-def fingerprint(params: Params, data_hash: str) -> str:
-    """Identity of a training: its model and train params plus the data it reads."""
-    blob = json.dumps({k: v for k, v in flatten(params).items() if k.split(".")[0] in ("model", "train")},
-                      sort_keys=True, default=str) + data_hash
+# Keys that cannot change a training's result: a run resumes across a change of these.
+RUNTIME_ONLY = {"train.resume", "train.loader_workers"}
+
+
+def fingerprint(params: Params, data_hash: str, runtime: str) -> str:
+    """Identity of a training: its model and train params, the data it reads, and where and in
+    which precision it runs (`runtime`, e.g. "cuda:bfloat16"), so that a CPU run never resumes
+    on CUDA or an fp16 run from a bf16 one."""
+    keys = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("model", "train") and k not in RUNTIME_ONLY}
+    blob = json.dumps(keys, sort_keys=True, default=str) + data_hash + runtime
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -117,6 +117,8 @@ class TrainConfig(Section):
     grad_clip: Annotated[float, Field(gt=0.0)]
     seed: NonNegativeInt
     device: Literal["auto", "cpu", "cuda"]
+    amp: Literal["auto", "bf16", "fp16", "off"]  # CUDA autocast; auto = bf16 where supported, else fp16
+    loader_workers: NonNegativeInt  # DataLoader processes collating batches ahead (speed only)
     resume: Literal["auto", "never"]
     specaugment: SpecAugmentConfig
 

@@ -65,6 +65,9 @@ def read_split(split: str, where: layouts.Split, order: list[str] | None, expect
             _problem(report, split, mfcc[name], err)
             continue
         expected_dim = expected_dim or x.shape[1]
+        if len(x) == 0:
+            _problem(report, split, mfcc[name], "0 frames; expected at least one feature frame")
+            continue
         if not np.all(np.isfinite(x)):
             _problem(report, split, mfcc[name], f"{int(np.sum(~np.isfinite(x)))} non-finite values (NaN/inf)")
             continue
@@ -171,7 +174,7 @@ class Shard:
     """Read-only, memory-mapped view of one split's shard."""
 
     def __init__(self, folder: str | Path):
-        folder = Path(folder)
+        folder = self.folder = Path(folder)
         missing = [f for f in SHARD_FILES if not (folder / f).is_file()]
         if missing:
             raise CtclabError(f"{folder}: missing {', '.join(missing)}; run the preprocess stage (dvc repro preprocess)")

@@ -10,6 +10,7 @@ so another backend (ctcdecode, flashlight-text with a phoneme LM) can be added b
 """
 from __future__ import annotations
 
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -49,7 +50,9 @@ class BeamDecoder:
 
     def __init__(self, beam_width: int, workers: int = 1):
         self.beam_width, self.workers = beam_width, workers
-        self._pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        # spawn, not fork: the caller may already hold a CUDA context, which a forked child can't use
+        context = multiprocessing.get_context("spawn")
+        self._pool = ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else None
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         probs = log_probs.detach().float().exp().cpu().numpy()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import models
-from .batching import collate
+from .batching import collate, ctc_min_frames
 from .data import Shard
 from .decode import greedy
 from .errors import CtclabError
@@ -30,10 +30,13 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
+def amp_dtype(device: torch.device, choice: str = "auto") -> torch.dtype | None:
+    """Autocast dtype: none on the CPU or with `off`; `auto` = bf16 where supported, else fp16."""
+    if device.type != "cuda" or choice == "off":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -51,13 +54,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> models.C
 
 
 @torch.no_grad()
-def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, decoders: dict | None = None):
-    """Loss over the utterances CTC can align, and each decoder's hypotheses for every utterance
-    (in shard order). Returns (loss, {decoder name: hypotheses}, {decoder name: seconds})."""
+def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, decoders: dict | None = None,
+                   amp: str = "auto"):
+    """Mean CTC loss over the utterances CTC can align (the others are scored by the decoders
+    but left out of the loss), and each decoder's hypotheses for every utterance (in shard
+    order). Returns (loss, {decoder name: hypotheses}, {decoder name: seconds})."""
     model.eval()
     decoders = decoders or {"greedy": greedy}
     ctc = nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, amp)
     order = np.argsort(shard.frames(), kind="stable")
     hyps: dict[str, dict[int, list[int]]] = {name: {} for name in decoders}
     seconds = dict.fromkeys(decoders, 0.0)
@@ -68,7 +73,7 @@ def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, d
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             log_probs, out_lengths = model(batch.features, batch.lengths)
         if batch.targets.numel():
-            ok = out_lengths >= batch.target_lengths
+            ok = out_lengths >= torch.tensor([ctc_min_frames(np.array(y)) for y in batch.labels])
             loss = ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
             total_loss, total_utts = total_loss + float(loss), total_utts + int(ok.sum())
         for name, decode in decoders.items():

@@ -73,9 +73,14 @@ class BiLSTM(nn.Module):
                             dropout=dropout if layers > 1 else 0.0)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`lengths` stay on the CPU: packing reads them there, so no host-device wait."""
         if x.is_cuda:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, _ = self.lstm(packed)
+            # The recurrence runs in fp32 outside autocast: autocast would hand cuDNN fp16 (also
+            # under bf16 autocast, where no grad scaler guards it) and mean-reduced CTC gradients
+            # of ~1e-5 at the LSTM can underflow there. It is latency-bound anyway.
+            with torch.autocast("cuda", enabled=False):
+                packed = pack_padded_sequence(x.float(), lengths.cpu(), batch_first=True, enforce_sorted=False)
+                out, _ = self.lstm(packed)
             return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
         return self.forward_unpacked(x, lengths)
 

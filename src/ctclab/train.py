@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, models, storage, tracking
-from .batching import bucket_batches, collate, feasible
+from .batching import bucket_batches, feasible, loader
 from .config import Params, TrainConfig, flatten
 from .data import Shard
 from .errors import CtclabError
@@ -30,6 +30,8 @@ from .inference import amp_dtype, device_name, evaluate_split, select_device
 from .metrics import score
 
 TRACKED_SECTIONS = ("data", "features", "model", "train", "tracking")
+# On CUDA, reading a value back waits for the GPU: loss and finiteness are read every this many steps.
+SYNC_EVERY = 25
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -93,24 +95,31 @@ def trainable(train_set: Shard, dev_set: Shard, model: models.CTCModel, data_dir
 
 def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, cfg: TrainConfig,
                 aug_gen: torch.Generator, device: torch.device, desc: str, progress: bool) -> tuple[float, int]:
-    """One pass over `batches`; returns (mean train loss per utterance, utterances seen)."""
+    """One pass over `batches`; returns (mean train loss per utterance, utterances seen). The
+    loss is summed on the device (in float64) and read back every SYNC_EVERY steps on CUDA."""
     from tqdm import tqdm
 
     model.train()
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, cfg.amp)
     ctc = nn.CTCLoss(blank=0, reduction="mean", zero_infinity=False)
-    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-    bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, file=sys.stderr, leave=False,
-               mininterval=1 if sys.stderr.isatty() else 30)
-    for indices in bar:
-        batch = collate(train_set, indices)
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+    t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
+    bar = tqdm(loader(train_set, batches, cfg.loader_workers, device), total=len(batches), desc=desc, unit="batch",
+               disable=not progress, file=sys.stderr, leave=False, mininterval=1 if sys.stderr.isatty() else 30)
+    for step, batch in enumerate(bar, 1):
         batch.features = spec_augment(batch.features, batch.lengths, cfg.specaugment, aug_gen)
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             log_probs, out_lengths = model(batch.features, batch.lengths)
+        # CTC in float32 whatever autocast chose: log_probs leave the model as float32
         loss = ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite CTC loss in {desc}; lower train.lr")
+        loss_sum += loss.detach().double() * len(batch.labels)
+        seen += len(batch.labels)
+        if step % sync_every == 0 or step == len(batches):
+            total = loss_sum.item()
+            if not math.isfinite(total):
+                raise RuntimeError(f"non-finite CTC loss in {desc} by batch {step}; lower train.lr")
+            bar.set_postfix(loss=f"{total / seen:.3f}", utt_s=f"{seen / (time.perf_counter() - t0):.0f}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -119,10 +128,7 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
         scaler.update()
         if cfg.scheduler == "cosine":
             scheduler.step()
-        seen += len(indices)
-        loss_sum += loss.item() * len(indices)
-        bar.set_postfix(loss=f"{loss.item():.3f}", utt_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    return loss_sum / seen, seen
+    return loss_sum.item() / seen, seen
 
 
 def summarize(history: list[dict], parameters: int, infeasible: dict) -> dict:
@@ -153,15 +159,15 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
     model = models.build(params.model, train_set.feature_dim).to(device)
     train_idx, infeasible = trainable(train_set, dev_set, model, data_dir)
 
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, math.ceil(len(train_idx) / cfg.batch_size))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, cfg.amp) == torch.float16)
     aug_gen = torch.Generator().manual_seed(cfg.seed)
 
-    resume_path = root / checkpoint.RESUME_DIR / f"{checkpoint.fingerprint(params, meta['data_hash'])}.pt"
-    state = checkpoint.resume(resume_path, model, optimizer, scheduler, scaler, aug_gen, device) \
-        if cfg.resume == "auto" else None
+    fingerprint = checkpoint.fingerprint(params, meta["data_hash"], f"{device.type}:{amp_dtype(device, cfg.amp)}")
+    resume_path = root / checkpoint.RESUME_DIR / f"{fingerprint}.pt"
+    state = checkpoint.resume(resume_path, model, optimizer, scheduler, scaler, aug_gen, device) if cfg.resume == "auto" else None
     if state is not None:
         print(f"train: resuming after epoch {state.epoch} from {resume_path}", file=sys.stderr)
     else:
@@ -171,7 +177,7 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
 
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
     tags = {**tracking.provenance_tags(root, meta["data_hash"], str(device), device_name(device)),
-            "parameter_count": models.parameter_count(model), **{f"infeasible_{k}": v for k, v in infeasible.items()}}
+            "parameter_count": models.parameter_count(model), "amp_dtype": str(amp_dtype(device, cfg.amp)), **{f"infeasible_{k}": v for k, v in infeasible.items()}}
     with tracking.training_run(params.tracking.uri, params.tracking.experiment, root, state.run_id, logged, tags) as run:
         state.run_id = run.run_id
         refs = dev_set.references()
@@ -181,7 +187,7 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
             train_loss, seen = train_epoch(model, train_set, [train_idx[b] for b in batches], optimizer, scheduler,
                                            scaler, cfg, aug_gen, device, f"epoch {epoch + 1}/{cfg.epochs}", progress)
             train_seconds = time.perf_counter() - t0
-            dev_loss, hyps, _ = evaluate_split(model, dev_set, 2 * cfg.batch_size, device)
+            dev_loss, hyps, _ = evaluate_split(model, dev_set, 2 * cfg.batch_size, device, amp=cfg.amp)
             s = score(hyps["greedy"], refs)
             if cfg.scheduler == "plateau":
                 scheduler.step(s.mean_distance)
