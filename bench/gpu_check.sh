@@ -8,8 +8,8 @@
 # imports (pydantic, mlflow-skinny with a file store, Levenshtein, fast-ctc-decode) comes from the
 # wheels in .whl/, and the default corpus's shards from data/processed (both made by --prepare; carry
 # both). It runs the CUDA tests, bench/train_speed.py over 28,539 utterances shaped like
-# train-clean-100 at batch 64 (with a profile of 10 steps) and 256, and the default train → evaluate
-# stages on CUDA,
+# train-clean-100 at batch 64 and 256, a profile of batch-64 steps, the LSTM in fp32 vs under
+# autocast, and the default train → evaluate stages on CUDA,
 # then appends one dated line per figure, with the card's name, to bench/RESULTS.md (and copies it,
 # with the logs, to $OUT when that is set).
 set -uo pipefail
@@ -58,11 +58,17 @@ record "CUDA tests (tests/test_cuda.py): $(grep -E '[0-9]+ (passed|failed)' "$OU
 
 # 2. training speed at train-clean-100 scale, batch 64 and 256
 for B in 64 256; do
-    PROFILE=$([ "$B" = 64 ] && echo 10 || echo 0)
-    timeout 180 python3 bench/train_speed.py --device cuda --batch-size "$B" --profile "$PROFILE" 2>&1 | tee "$OUT_DIR/train_speed_b$B.log" | tail -4
+    timeout 180 python3 bench/train_speed.py --device cuda --batch-size "$B" 2>&1 | tee "$OUT_DIR/train_speed_b$B.log" | tail -4
     row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, padding " $5 ", peak " $7 " GiB"}' "$OUT_DIR/train_speed_b$B.log")
     record "bench/train_speed.py A3 (6.9 M) 28,539 synthetic-shape utt, batch $B, bf16: ${row:-FAILED (see log)}"
 done
+# where a batch-64 step's time goes, and what running the LSTM under autocast would change (30 steps each)
+timeout 90 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 3 --profile 5 2>&1 \
+    | grep -vi warn | tee "$OUT_DIR/profile_b64.log" | grep -E "cudnn_rnn|Self CUDA time total"
+timeout 60 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 3 --lstm-autocast 2>&1 \
+    | tee "$OUT_DIR/lstm_autocast_b64.log" | tail -2
+secs() { awk '$1 == "1" {print $2 " s (" $3 " utt/s)"}' "$1"; }
+record "bench/train_speed.py b64, 1,920 utt: LSTM in fp32 $(secs "$OUT_DIR/profile_b64.log") vs under autocast $(secs "$OUT_DIR/lstm_autocast_b64.log")"
 
 # 3. the default pipeline's train → evaluate on CUDA, all 15 epochs (a PER sanity check against the CPU's)
 PROJ=/tmp/ctclab-gpu-project

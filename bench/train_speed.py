@@ -65,6 +65,20 @@ def run_epoch(model, optimizer, batches, frames, labels, device, dtype, dim, gen
     return data_s, 1 - real / max(1, padded), final / max(1, len(batches))
 
 
+def lstm_under_autocast() -> None:
+    """What ctclab.models avoids, for comparison: cuDNN's LSTM fed by autocast."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from ctclab import models
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+
+    models.BiLSTM.forward = forward
+
+
 def profile(model, optimizer, batches, frames, labels, device, dtype, gen) -> None:
     """Where a step's time goes: the ten most expensive ops (self time on the device, or the CPU)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -84,8 +98,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=5, help="batches run before timing (cuDNN plans, allocator)")
     ap.add_argument("--profile", type=int, default=0, help="also profile this many batches: top kernels by time")
+    ap.add_argument("--lstm-autocast", action="store_true",
+                    help="run the LSTM under autocast as PyTorch would (cuDNN in reduced precision) instead of ctclab's fp32")
     args = ap.parse_args()
     device = select_device(args.device)
+    if args.lstm_autocast:
+        lstm_under_autocast()
     params = with_overrides(load_params(REPO / "params.yaml"), SEED_A3, "train_speed")
     torch.manual_seed(0)
     model = build(params.model, 13).to(device).train()
@@ -98,7 +116,8 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     print(f"A3 {parameter_count(model) / 1e6:.2f} M params on {device_name(device)}; {args.utterances} utterances, "
-          f"mean {frames.mean():.0f} frames, {labels.mean():.0f} labels; batch {args.batch_size}; amp {dtype}")
+          f"mean {frames.mean():.0f} frames, {labels.mean():.0f} labels; batch {args.batch_size}; amp {dtype}; "
+          f"LSTM {'under autocast' if args.lstm_autocast else 'in fp32'}")
     print(f"{'epoch':>5}{'seconds':>9}{'utt/s':>9}{'data s':>8}{'padding':>9}{'loss':>9}{'peak GiB':>10}")
     for epoch in range(args.epochs):
         t0 = time.perf_counter()

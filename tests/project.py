@@ -52,6 +52,25 @@ def make_project(dest: Path, overrides: dict | None = None, git: bool = True) ->
     return dest
 
 
+def project_with_data(dest: Path, processed: Path, overrides: dict | None = None) -> Path:
+    """A project copy (no git) with already preprocessed shards in data/processed."""
+    project = make_project(dest, overrides, git=False)
+    shutil.copytree(processed, project / "data" / "processed")
+    return project
+
+
+def run_train(project: Path) -> dict:
+    """The train stage's library call, in-process, on a project copy."""
+    from ctclab.train import train
+
+    return train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
+                 project / "metrics", root=project, progress=False)
+
+
+# What an architecture has no place for must be left neutral (ctclab.config refuses it otherwise).
+NEUTRAL = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout": {"lstm": 0.0}}, "conv_lstm": {}}
+
+
 def env(extra: dict | None = None) -> dict:
     e = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     e.pop("MLFLOW_TRACKING_URI", None)

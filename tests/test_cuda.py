@@ -2,7 +2,6 @@
 and backward under autocast, bf16 and fp16 (+ grad scaler), resume. Skipped without a GPU;
 bench/gpu_check.sh runs them on a GPU machine (needs only torch, numpy, pydantic, mlflow-skinny)."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +16,9 @@ from ctclab.checkpoint import RESUME_DIR
 from ctclab.data import preprocess
 from ctclab.inference import load_checkpoint
 from ctclab.models import BiLSTM, build
-from ctclab.train import train
-from ctclab.config import load_params
-from project import config, env, make_project, merge
+from project import NEUTRAL, config, env, merge, project_with_data, run_train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-NEUTRAL = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout": {"lstm": 0.0}}, "conv_lstm": {}}
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +33,7 @@ def cuda_project(tmp_path, processed, overrides):
     # the GPU machine may carry only mlflow-skinny: gpu_check.sh names a file store in MLFLOW_TRACKING_URI
     store = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = {"train": {"device": "cuda", "batch_size": 8}, "tracking": {"uri": store}}
-    project = make_project(tmp_path, merge(base, overrides), git=False)
-    shutil.copytree(processed, project / "data" / "processed")
-    return project
-
-
-def run_train(project):
-    return train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
-                 project / "metrics", root=project, progress=False)
+    return project_with_data(tmp_path, processed, merge(base, overrides))
 
 
 @pytest.mark.parametrize("arch", ["lstm", "convnext", "conv_lstm"])

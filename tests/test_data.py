@@ -73,3 +73,41 @@ def test_shards_round_trip_and_hash_is_stable(tiny_corpus, tmp_path):
     np.testing.assert_array_equal(x, np.load(tiny_corpus / "dev" / "mfcc" / f"{shard.ids[-1]}.npy"))
     c = preprocess(tiny_corpus, tmp_path / "c", config("features", normalize="utterance"))
     assert c["data_hash"] != a["data_hash"]
+
+
+def long_utterances(root, n, frames=3000, dim=40):
+    """A Spring-2022 replica whose features dominate memory: n utterances of frames × dim float32."""
+    base = make_spring2022(root, dim=dim, n=n) / "hw3p2_student_data" / "hw3p2_student_data"
+    rng = np.random.default_rng(0)
+    for split in ("train", "dev", "test"):
+        for f in (base / split / "mfcc").glob("*.npy"):
+            np.save(f, rng.standard_normal((frames, dim)).astype(np.float32))
+    return root
+
+
+@pytest.mark.parametrize("normalize", ["utterance", "global"])
+def test_preprocess_memory_does_not_grow_with_the_number_of_utterances(tmp_path, normalize):
+    import tracemalloc
+
+    peaks = {}
+    for n in (4, 32):
+        raw = long_utterances(tmp_path / f"raw{n}", n)
+        tracemalloc.start()
+        meta = preprocess(raw, tmp_path / f"out{n}", config("features", normalize=normalize))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert meta["frames"]["train"] == 3000 * n
+    one_split = 32 * 3000 * 40 * 4  # what holding the 32-utterance train split would take: 15 MB
+    assert peaks[32] < 1.3 * peaks[4] + 1_000_000 and peaks[32] < one_split / 4, peaks
+
+
+def test_zero_frame_utterances_are_reported(s22, tmp_path):
+    np.save(s22 / "train" / "mfcc" / "train_0003.npy", np.zeros((0, 13), np.float32))
+    meta = preprocess(s22.parents[1], tmp_path / "out", config("features"))
+    report = json.loads((tmp_path / "out" / "bad_utterances.json").read_text())
+    assert [(r["file"].rsplit("/", 1)[1], r["problem"]) for r in report] == [
+        ("train_0003.npy", "0 frames; expected at least one feature frame")]
+    assert meta["utterances"]["train"] == 7
+    np.save(s22 / "test" / "mfcc" / "test_0001.npy", np.zeros((0, 13), np.float32))
+    with pytest.raises(CtclabError, match="bad test utterances would leave rows out of the submission"):
+        preprocess(s22.parents[1], tmp_path / "out2", config("features"))

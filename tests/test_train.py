@@ -1,6 +1,5 @@
 """Training: each architecture end to end, MLflow records, determinism, kill-and-resume."""
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +15,7 @@ from ctclab.data import preprocess
 from ctclab.batching import bucket_batches
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.inference import load_checkpoint
-from ctclab.train import train
-from project import env, make_project
+from project import NEUTRAL, env, project_with_data, run_train
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +25,9 @@ def processed(tiny_corpus, tmp_path_factory):
     return out
 
 
-def project_with_data(tmp_path, processed, overrides=None):
-    project = make_project(tmp_path, overrides, git=False)
-    shutil.copytree(processed, project / "data" / "processed")
-    return project
-
-
-def run_train(project):
-    return train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
-                 project / "metrics", root=project, progress=False)
-
-
 @pytest.mark.parametrize("arch", ["lstm", "convnext", "conv_lstm"])
 def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, arch):
-    neutral = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout": {"lstm": 0.0}}}.get(arch, {})
-    project = project_with_data(tmp_path, processed, {"model": {"arch": arch, **neutral}, "train": {"epochs": 1}})
+    project = project_with_data(tmp_path, processed, {"model": {"arch": arch, **NEUTRAL[arch]}, "train": {"epochs": 1}})
     result = run_train(project)
     assert (project / "models/best.pt").is_file() and (project / "models/last.pt").is_file()
     metrics = json.loads((project / "metrics/train.json").read_text())

@@ -28,9 +28,32 @@ SPLITS = ("train", "dev", "test")
 
 @dataclass
 class Utterance:
+    """One valid utterance as found by the scan: where its features are, and its labels."""
     uid: str
-    features: np.ndarray
+    path: Path
+    frames: int
     labels: np.ndarray  # int16 indices
+
+
+class RunningStats:
+    """Per-dimension mean and std over many arrays without holding them (Chan et al.'s merge)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.astype(np.float64)
+        n, mean, m2 = len(x), x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total, delta = self.n + n, mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + m2 + delta ** 2 * self.n * n / total
+        self.n = total
+
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.n)
 
 
 def _problem(report: list, split: str, path: Path, problem: str) -> None:
@@ -49,9 +72,22 @@ def _load_features(path: Path, expected_dim: int | None) -> tuple[np.ndarray | N
     return x.astype(np.float32), None
 
 
-def read_split(split: str, where: layouts.Split, order: list[str] | None, expected_dim: int | None,
-               report: list) -> tuple[list[Utterance], int | None]:
-    """Load and validate one split; bad utterances go to `report` and are left out."""
+def _check_labels(x: np.ndarray, transcript: Path) -> tuple[np.ndarray | None, str | None]:
+    symbols = layouts.load_transcript(transcript)
+    unknown = sorted({s for s in symbols if s not in INDEX})
+    if unknown:
+        return None, f"unknown symbols {unknown[:5]}, expected SIL or ARPAbet phonemes"
+    if not symbols:
+        return None, "no labels after stripping sentence markers"
+    if len(x) < len(symbols):
+        return None, f"{len(x)} frames for {len(symbols)} labels; CTC needs frames >= labels"
+    return np.array([INDEX[s] for s in symbols], np.int16), None
+
+
+def scan_split(split: str, where: layouts.Split, order: list[str] | None, expected_dim: int | None,
+               report: list, stats: RunningStats | None = None) -> tuple[list[Utterance], int | None]:
+    """Validate one split file by file, holding one utterance's features at a time; bad ones go
+    to `report` and are left out. Features of the valid ones feed `stats` when given."""
     mfcc = {p.name: p for p in where.mfcc_dir.glob("*.npy")}
     trans = {p.name: p for p in where.transcript_dir.glob("*.npy")} if where.transcript_dir else {}
     names = order if order else sorted(mfcc)
@@ -61,46 +97,34 @@ def read_split(split: str, where: layouts.Split, order: list[str] | None, expect
     utts = []
     for name in names:
         x, err = _load_features(mfcc[name], expected_dim)
+        if not err:
+            expected_dim = expected_dim or x.shape[1]
+            err = ("0 frames; expected at least one feature frame" if len(x) == 0 else
+                   f"{int(np.sum(~np.isfinite(x)))} non-finite values (NaN/inf)" if not np.all(np.isfinite(x)) else
+                   "mfcc file has no matching transcript" if trans and name not in trans else None)
+        labels, where_bad = np.zeros(0, np.int16), mfcc[name]
+        if not err and trans:
+            labels, err = _check_labels(x, trans[name])
+            where_bad = trans[name] if err and not err.endswith("frames >= labels") else mfcc[name]
         if err:
-            _problem(report, split, mfcc[name], err)
+            _problem(report, split, where_bad, err)
             continue
-        expected_dim = expected_dim or x.shape[1]
-        if len(x) == 0:
-            _problem(report, split, mfcc[name], "0 frames; expected at least one feature frame")
-            continue
-        if not np.all(np.isfinite(x)):
-            _problem(report, split, mfcc[name], f"{int(np.sum(~np.isfinite(x)))} non-finite values (NaN/inf)")
-            continue
-        if not trans:
-            utts.append(Utterance(Path(name).stem, x, np.zeros(0, np.int16)))
-            continue
-        if name not in trans:
-            _problem(report, split, mfcc[name], "mfcc file has no matching transcript")
-            continue
-        symbols = layouts.load_transcript(trans[name])
-        unknown = sorted({s for s in symbols if s not in INDEX})
-        if unknown:
-            _problem(report, split, trans[name], f"unknown symbols {unknown[:5]}, expected SIL or ARPAbet phonemes")
-            continue
-        if not symbols:
-            _problem(report, split, trans[name], "no labels after stripping sentence markers")
-            continue
-        if len(x) < len(symbols):
-            _problem(report, split, mfcc[name], f"{len(x)} frames for {len(symbols)} labels; CTC needs frames >= labels")
-            continue
-        utts.append(Utterance(Path(name).stem, x, np.array([INDEX[s] for s in symbols], np.int16)))
+        if stats is not None:
+            stats.add(x)
+        utts.append(Utterance(Path(name).stem, mfcc[name], len(x), labels))
     return utts, expected_dim
 
 
-def _write_shard(out: Path, utts: list[Utterance], dim: int) -> None:
+def _write_shard(out: Path, utts: list[Utterance], dim: int, normalise) -> None:
+    """Each utterance is read again, normalised and written straight into the memory-mapped
+    features file (temp name, then rename): memory stays one utterance whatever the split size."""
     out.mkdir(parents=True, exist_ok=True)
-    frame_offsets = np.cumsum([0] + [len(u.features) for u in utts]).astype(np.int64)
+    frame_offsets = np.cumsum([0] + [u.frames for u in utts]).astype(np.int64)
     label_offsets = np.cumsum([0] + [len(u.labels) for u in utts]).astype(np.int64)
-    # Written through a memory map (temp name, then rename) so big corpora never sit in RAM twice.
     tmp = out / ".features.npy.tmp"
     feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(int(frame_offsets[-1]), dim))
     for u, start in zip(utts, frame_offsets[:-1]):
-        feats[start:start + len(u.features)] = u.features
+        feats[start:start + u.frames] = normalise(np.load(u.path, allow_pickle=False).astype(np.float32))
     feats.flush()
     del feats
     os.replace(tmp, out / "features.npy")
@@ -111,22 +135,7 @@ def _write_shard(out: Path, utts: list[Utterance], dim: int) -> None:
     storage.write_json(out / "ids.json", [u.uid for u in utts])
 
 
-def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
-    """Validate, normalise and shard every split of the dataset under `raw`; return the meta dict.
-    The bad-utterance report is written even when `cfg.on_bad == 'fail'` stops the stage."""
-    layout = layouts.detect(raw)
-    out = Path(out)
-    report: list[dict] = []
-    data: dict[str, list[Utterance]] = {}
-    dim = None
-    for split in SPLITS:
-        order = layout.test_order if split == "test" else None
-        data[split], dim = read_split(split, layout.splits[split], order, dim, report)
-    storage.write_json(out / "bad_utterances.json", report)
-    if report and cfg.on_bad == "fail":
-        first = report[0]
-        raise CtclabError(f"{first['file']}: {first['problem']} ({len(report)} bad utterances in all, listed in "
-                          f"{out / 'bad_utterances.json'}); fix them or set features.on_bad: skip")
+def _check_usable(raw, out: Path, data: dict, report: list) -> None:
     for split in SPLITS:
         if not data[split]:
             raise CtclabError(f"{raw}: no usable utterances in the {split} split "
@@ -134,14 +143,35 @@ def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
         if split == "test" and any(r["split"] == "test" for r in report):
             raise CtclabError(f"{raw}: bad test utterances would leave rows out of the submission; "
                               f"see {out / 'bad_utterances.json'}")
-    stats = normalize(data, cfg.normalize)
+
+
+def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
+    """Validate, normalise and shard every split of the dataset under `raw`; return the meta dict.
+    Streams: one utterance in memory at a time. The bad-utterance report is written even when
+    `cfg.on_bad == 'fail'` stops the stage."""
+    layout = layouts.detect(raw)
+    out = Path(out)
+    report: list[dict] = []
+    data: dict[str, list[Utterance]] = {}
+    dim, train_stats = None, RunningStats() if cfg.normalize == "global" else None
     for split in SPLITS:
-        _write_shard(out / split, data[split], dim)
+        order = layout.test_order if split == "test" else None
+        stats = train_stats if split == "train" else None
+        data[split], dim = scan_split(split, layout.splits[split], order, dim, report, stats)
+    storage.write_json(out / "bad_utterances.json", report)
+    if report and cfg.on_bad == "fail":
+        first = report[0]
+        raise CtclabError(f"{first['file']}: {first['problem']} ({len(report)} bad utterances in all, listed in "
+                          f"{out / 'bad_utterances.json'}); fix them or set features.on_bad: skip")
+    _check_usable(raw, out, data, report)
+    normalise, stats = normaliser(cfg.normalize, train_stats)
+    for split in SPLITS:
+        _write_shard(out / split, data[split], dim, normalise)
     meta = {
         "layout": layout.kind, "submission_format": layout.submission_format, "feature_dim": dim,
         "normalize": cfg.normalize, "global_stats": stats,
         "utterances": {s: len(data[s]) for s in SPLITS},
-        "frames": {s: int(sum(len(u.features) for u in data[s])) for s in SPLITS},
+        "frames": {s: int(sum(u.frames for u in data[s])) for s in SPLITS},
         "labelled": {s: bool(sum(len(u.labels) for u in data[s])) for s in SPLITS},
         "bad_utterances": len(report),
         "data_hash": storage.sha256_files(out, [f"{s}/{f}" for s in SPLITS for f in SHARD_FILES]),
@@ -153,21 +183,15 @@ def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
 SHARD_FILES = ("features.npy", "frame_offsets.npy", "labels.npy", "label_offsets.npy", "ids.json")
 
 
-def normalize(data: dict[str, list[Utterance]], mode: str) -> dict | None:
-    """Normalise features in place; global statistics come from train only."""
+def normaliser(mode: str, train_stats: RunningStats | None):
+    """The per-utterance feature transform, and the global statistics (train only) it uses."""
     if mode == "utterance":
-        for utts in data.values():
-            for u in utts:
-                u.features = ((u.features - u.features.mean(0)) / (u.features.std(0) + 1e-5)).astype(np.float32)
-        return None
+        return (lambda x: ((x - x.mean(0)) / (x.std(0) + 1e-5)).astype(np.float32)), None
     if mode == "global":
-        frames = np.concatenate([u.features for u in data["train"]]).astype(np.float64)
-        mean, std = frames.mean(0), frames.std(0) + 1e-5
-        for utts in data.values():
-            for u in utts:
-                u.features = ((u.features - mean) / std).astype(np.float32)
-        return {"mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
-    return None
+        mean, std = train_stats.mean, train_stats.std() + 1e-5
+        return (lambda x: ((x - mean) / std).astype(np.float32)), {"mean": mean.round(6).tolist(),
+                                                                    "std": std.round(6).tolist()}
+    return (lambda x: x), None
 
 
 class Shard:

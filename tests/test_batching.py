@@ -1,0 +1,41 @@
+"""Batches: the DataLoader yields exactly the bucketed batches, in order, whatever its worker count."""
+import numpy as np
+import pytest
+import torch
+
+from ctclab.batching import bucket_batches, collate, ctc_min_frames, loader
+from ctclab.data import Shard, preprocess
+from conftest import make_spring2022
+from project import config
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batching")
+    preprocess(make_spring2022(root / "raw", n=23), root / "out", config("features"))
+    return Shard(root / "out" / "train")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_gives_the_same_batches_as_collating_in_process(shard, workers):
+    batches = bucket_batches(shard.frames(), 4, seed=3, epoch=1)
+    got = list(loader(shard, batches, workers, torch.device("cpu")))
+    assert len(got) == len(batches)
+    for b, idx in zip(got, batches):
+        want = collate(shard, idx)
+        assert torch.equal(b.features, want.features) and torch.equal(b.targets, want.targets)
+        assert b.lengths.tolist() == shard.frames()[idx].tolist() and b.labels == want.labels
+        assert b.features.shape[1] == max(shard.frames()[idx])  # padded to the batch's longest only
+
+
+def test_batch_lengths_stay_on_the_cpu_when_moved(shard):
+    b = collate(shard, [0, 1])
+    assert b.to(torch.device("cpu")) is b
+    if torch.cuda.is_available():
+        moved = b.pin_memory().to(torch.device("cuda"))
+        assert moved.features.is_cuda and moved.lengths.device.type == "cpu"
+
+
+def test_ctc_min_frames_counts_a_blank_between_repeats():
+    assert ctc_min_frames(np.array([3, 3, 4, 4, 4, 5])) == 9
+    assert ctc_min_frames(np.array([], dtype=np.int64)) == 0
