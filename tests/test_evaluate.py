@@ -13,8 +13,8 @@ from ctclab import models, storage, tracking
 from ctclab.data import Shard, preprocess
 from ctclab.errors import CtclabError
 from ctclab.evaluate import evaluate
-from ctclab.submission import submit
-from ctclab.labels import F22_CHARS, S22_CHARS
+from ctclab.submission import submit, write_submission
+from ctclab.labels import F22_CHARS, INDEX, S22_CHARS
 
 
 def setup_project(tmp_path, raw_root, dim):
@@ -49,6 +49,16 @@ def test_spring2022_submission_header_order_and_rows(tmp_path):
     wanted = [Path(l.split(",")[0]).stem for l in order_csv.read_text().splitlines()[1:]]
     assert Shard(tmp_path / "processed/test").ids == wanted  # rows follow test_order.csv
     assert "test_lev_beam" not in result  # Kaggle test sets have no transcripts
+
+
+@pytest.mark.parametrize("fmt, expected", [
+    ("spring2022", "id,predictions\n0,.AN.\n1,\n2,Z\n"),
+    ("fall2022", "index,label\n0,-@G-\n1,\n2,Z\n"),
+])
+def test_submission_rows_are_the_competitions_exact_strings(tmp_path, fmt, expected):
+    sil, ae, ng, zh = INDEX["SIL"], INDEX["AE"], INDEX["NG"], INDEX["ZH"]
+    write_submission(tmp_path / "s.csv", [[sil, ae, ng, sil], [], [zh]], fmt)
+    assert (tmp_path / "s.csv").read_text() == expected
 
 
 def test_fall2022_submission_uses_its_header_and_character_map(tmp_path):

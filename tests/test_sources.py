@@ -84,6 +84,23 @@ def test_kaggle_failure_is_one_line_without_the_key(tmp_path, monkeypatch):
     assert not (tmp_path / "raw").exists()
 
 
+@pytest.mark.parametrize("offset", [190, 195, 199])
+def test_a_key_across_the_200_character_cut_leaves_no_prefix(tmp_path, monkeypatch, offset):
+    key = "K3y-0123456789abcdef"
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", key)
+
+    class RefusingApi:
+        def competition_download_files(self, competition, path, quiet):
+            raise OSError("x" * offset + key + " rest of the message")
+
+    with pytest.raises(CtclabError) as err:
+        sources.fetch(config("data", source="kaggle"), tmp_path / "raw", kaggle_api=RefusingApi())
+    message = str(err.value)
+    assert all(key[:n] not in message for n in range(4, len(key) + 1)), message
+    assert message.count("\n") == 0 and "x" * 150 in message
+
+
 def run_stage(project: Path, script: str, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, str(REPO / "pipeline" / script)], cwd=project, env=env,

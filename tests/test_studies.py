@@ -111,7 +111,9 @@ def test_bad_study_files_name_the_problem(tmp_path, over, message):
 
 
 def test_shipped_studies_load_and_smoke_sizes_are_small():
-    for path in sorted((REPO / "experiments").glob("*.yaml")):
+    paths = sorted((REPO / "experiments").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"dropout_placement", "kaiming", "beam_width", "architecture", "scheduler"}
+    for path in paths:
         s = studies.load(path, REPO / "params.yaml")
         assert s.smoke.params["train.epochs"] == 1 and s.smoke.params["data.synthetic.train"] <= 32, path
 
@@ -119,7 +121,9 @@ def test_shipped_studies_load_and_smoke_sizes_are_small():
 def test_paired_interval_and_verdicts():
     assert report.paired([0.5]) is None
     m, lo, hi = report.paired([-1.0, -1.2, -0.9, -1.1])
-    assert m == pytest.approx(-1.05) and lo < m < hi < 0
+    # by hand: sd = sqrt(0.05 / 3) = 0.1290994, se = sd / 2, t(0.975, 3) = 3.1824463 → half width 0.2054260
+    assert (m, lo, hi) == pytest.approx((-1.05, -1.2554260, -0.8445740), abs=1e-6)
+    assert report.paired([0.3, 0.3, 0.3]) == (0.3, 0.3, 0.3)  # no spread: the interval is the point
     assert report.verdict((m, lo, hi), 4) == "better"
     assert report.verdict((1.0, 0.2, 1.8), 3) == "worse"
     assert report.verdict((0.1, -0.5, 0.7), 3) == "no detectable difference with 3 seeds"

@@ -60,7 +60,8 @@ def _api():
 
 
 def _fail(action: str, err: BaseException) -> CtclabError:
-    first = (str(err).strip().splitlines() or [""])[0]
+    # scrub first, then cut: a key straddling the cut would otherwise leave its prefix behind
+    first = (scrub(str(err)).strip().splitlines() or [""])[0]
     return CtclabError(scrub(f"Kaggle: {action} failed ({type(err).__name__}: {first[:200]}); "
                              "check the competition name, that you joined it, and the network"))
 
