@@ -1,7 +1,8 @@
 """CTC decoding (pure: tensors and arrays in, label sequences out).
 
 Greedy is vectorised in torch. Beam search is CTC prefix beam search from `fast-ctc-decode`
-(Rust; measured identical to ctcdecode's output at beam 1–100 and faster): it takes
+(Rust; its authors report the same output as ctcdecode, faster; ctcdecode itself cannot be
+installed from PyPI here, so that is not re-measured): it takes
 probabilities, blank first, and returns a string, so labels travel as one character each. It
 holds the GIL, so `workers > 1` parallelises across utterances with processes.
 

@@ -12,7 +12,7 @@ architecture has no place for are refused by ctclab.config (A1 has no ConvNeXt b
 LSTM); for A2, lstm_layers is the number of residual stages and convnext_blocks the blocks in each.
 
 The BiLSTM runs packed on CUDA (cuDNN) and unpacked on the CPU, where backward through packed
-sequences is 10–70× slower; both paths use the same weights and give the same outputs.
+sequences is far slower; both paths use the same weights and give the same outputs.
 """
 from __future__ import annotations
 
