@@ -61,8 +61,10 @@ def test_smoke_study_two_variants_two_seeds(tmp_path):
         curve = mlflow.MlflowClient().get_metric_history(k.info.run_id, "epoch/dev_lev_greedy")
         assert [h.step for h in curve] == [1]  # the learning curve, apart from the final scores
     report = (project / "experiments/reports/kaiming_smoke-smoke.md").read_text()
-    rows = [l for l in report.splitlines() if l.startswith("| on ") or l.startswith("| off ")]
-    assert len(rows) == 2 and all("| 2 |" in r for r in rows)
+    rows = [l for l in report.splitlines() if (l.startswith("| on ") or l.startswith("| off ")) and " ± " in l]
+    assert len(rows) == 2 and all("| 2 |" in r and "| 2 × " in r for r in rows)  # n = 2, run with -j 2
+    per_seed = report.split("Per seed (`dev_lev_beam`, child run id):")[1]
+    assert per_seed.count("| on | ") == 1 and per_seed.count("(`") == 4  # 2 variants × 2 seeds, each with its run
     assert "| broken |" in report and "no finished runs" in report
     assert "no detectable difference with 2 seeds" in rows[1] or "better" in rows[1] or "worse" in rows[1]
     assert (project / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000

@@ -68,12 +68,38 @@ def _header(study: Study, smoke: bool, parent: tracking.ParentRun, any_run: trac
                   f"{f' ({hardware})' if hardware else ''} on `{t.get('host', '?')}`, torch {t.get('torch_version', '?')}.",
                   ""]
     return lines + ["| variant | params vs baseline | n | mean ± std | Δ vs baseline (95 % CI) | verdict | parameters | "
-                    "train s | decode utt/s | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+                    "train s | jobs × threads | decode utt/s | runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def _contention(rs: dict[int, tracking.RunRecord]) -> str:
+    """'-j × threads' the variant's trainings ran with ('?' for runs from before it was recorded)."""
+    seen = sorted({f"{r.tags.get('parallel_jobs', '?')} × {r.tags.get('torch_threads', '?')}" for r in rs.values()})
+    return ", ".join(seen) or "–"
+
+
+def per_seed(study: Study, by_variant: dict[str, dict[int, tracking.RunRecord]]) -> list[str]:
+    """Every variant's value for every seed, with its run id, so a reader can check each mean."""
+    seeds = sorted({s for rs in by_variant.values() for s in rs})
+    lines = ["", f"Per seed (`{study.metric}`, child run id):", "",
+             "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for v in study.variants:
+        rs = by_variant[v.name]
+        cells = [f"{rs[s].metrics[study.metric]:.3f} (`{rs[s].run_id[:8]}`)" if s in rs else "–" for s in seeds]
+        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def timing_note(by_variant: dict[str, dict[int, tracking.RunRecord]]) -> str:
+    conditions = {_contention(rs) for rs in by_variant.values() if rs}
+    if len(conditions) == 1 and "?" not in next(iter(conditions)):
+        return "Train seconds were all measured under the same contention (jobs × threads), so they compare."
+    return ("Train seconds are NOT comparable across variants: they ran under different or unrecorded "
+            "contention (jobs × threads column); compare them only between rows with equal values.")
 
 
 def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], base: dict[int, tracking.RunRecord]) -> str:
     if not rs:
-        return f"| {v.name} | {_diff(v, study)} | 0 | – | – | no finished runs | – | – | – | – |"
+        return f"| {v.name} | {_diff(v, study)} | 0 | – | – | no finished runs | – | – | – | – | – |"
     m, sd = mean_std([rs[s].metrics[study.metric] for s in sorted(rs)])
     if v.baseline:
         delta, word = "–", "baseline"
@@ -90,7 +116,7 @@ def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], base: dict
     ids = ", ".join(f"`{rs[s].run_id[:8]}`" for s in sorted(rs))
     return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {word} | "
             f"{first.params.get('parameter_count', first.tags.get('parameter_count', '?'))} | "
-            f"{train_s:.0f} | {decode:.0f} | {ids} |")
+            f"{train_s:.0f} | {_contention(rs)} | {decode:.0f} | {ids} |")
 
 
 def _plot_curves(study: Study, by_variant: dict, png: Path) -> None:
@@ -125,10 +151,12 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
     any_run = next((c for rs in by_variant.values() for c in rs.values()), None)
     lines = _header(study, smoke, parent, any_run)
     lines += [_row(study, v, by_variant[v.name], base) for v in study.variants]
+    lines += per_seed(study, by_variant)
     png = out_dir / f"{stem}_curves.png"
     _plot_curves(study, by_variant, png)
     lines += ["", "Verdicts compare each variant with the baseline seed by seed (paired differences, t-based 95 % "
-              "interval; negative = lower distance than baseline).", "", f"![learning curves]({png.name})", ""]
+              "interval; negative = lower distance than baseline). " + timing_note(by_variant), "",
+              f"![learning curves]({png.name})", ""]
     md = out_dir / f"{stem}.md"
     storage.write_text(md, "\n".join(lines))
     tracking.log_parent_artifacts(parent, [md, png], "report")

@@ -123,6 +123,7 @@ def worker_env(jobs: int) -> dict[str, str]:
     than cores/N). A value the user set is kept."""
     env = tool_env()
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
+    env["CTCLAB_PARALLEL_JOBS"] = str(jobs)  # recorded by each training: timings under -j N compare only with -j N
     return env
 
 

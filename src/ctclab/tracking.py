@@ -69,6 +69,9 @@ def provenance_tags(root: Path, data_hash: str, device: str, device_name: str) -
         "device": device,
         "device_name": device_name,
         "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        # trainings run side by side with this one (a study's -j): timings compare only at equal values
+        "parallel_jobs": os.environ.get("CTCLAB_PARALLEL_JOBS", "1"),
         "host": platform.node(),
     }
     if os.environ.get("DVC_EXP_NAME"):
