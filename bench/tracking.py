@@ -1,19 +1,22 @@
-"""Tracking overhead benchmark: epoch time of a short training-like loop with MLflow tracking off,
-into a sqlite store, and into a local `mlflow server` (that this script starts on 127.0.0.1 with a
-free port and a sqlite backend, and always stops). Every configuration does identical work from the
-same initial weights: per epoch, --steps Adam steps of the params.yaml model (A3 conv_lstm) on
-length-bucketed batches of data/processed/train, then a dev evaluation (loss + greedy distance),
-then, when tracking is on, the per-epoch metrics dict that ctclab's training logs, through
-ctclab.tracking (training_run(...).log_metrics). Without data/processed, synthetic shards stand in.
+"""Tracking overhead benchmark: epoch time of a short training-like loop with MLflow tracking off
+vs on, into a sqlite store and into a local `mlflow server` (started by this script on 127.0.0.1,
+a free port, sqlite backend; always stopped). An epoch is --steps Adam steps of the params.yaml model
+(A3 conv_lstm) on length-bucketed batches of data/processed/train plus a dev evaluation (loss +
+greedy distance), then, when tracking is on, the per-epoch metrics dict that ctclab's training
+logs, through ctclab.tracking (training_run(...).log_metrics). Synthetic shards stand in when
+data/processed is missing.
 
-Timed: each epoch, including its log_metrics call. Not timed: starting the run (training_run():
-experiment lookup, params, tags, the `pip freeze` artifact) and ending it; that one-off cost is
-printed separately. The configurations run in rounds (A B C, C B A, A B C, ...); each epoch's time
-is the best over the rounds, as a shared machine only ever slows an epoch down, never speeds it up.
-Stores, artifacts and the server live in a temp folder; nothing is logged into the project's store.
+Side by side: for each store, one training run is opened, and two models from the same initial
+weights train on the same batches, their steps (and dev evals) alternated, so a slow spell of a
+shared machine hits both; only the "on" one logs, at each epoch's end. Which of the two goes first
+swaps every epoch (going first costs a few %), so --epochs should be even. off/on = total off
+seconds / total on seconds. Timed: each epoch, its log_metrics call
+included. Not timed: starting the run (training_run(): experiment lookup, params, tags, the
+`pip freeze` artifact) and ending it; that one-off cost is printed separately. Stores, artifacts
+and the server live in a temp folder; nothing goes into the project's mlflow.db.
 
-    .venv/bin/python bench/tracking.py                       # 3 epochs x 16 steps, best of 3 rounds
-    .venv/bin/python bench/tracking.py --epochs 5 --steps 40
+    .venv/bin/python bench/tracking.py                     # 6 epochs of 16 steps, per store
+    .venv/bin/python bench/tracking.py --epochs 10 --steps 40
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from ctclab import models, tracking
@@ -44,6 +48,19 @@ from loader import synthetic_shard  # bench/loader.py, next to this script
 
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"  # only ever talk to this machine
 os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # the "View run at" lines, at run end
+
+
+def server_cpu(pid: int, seconds: float) -> float:
+    """CPU seconds the process tree under `pid` uses in the next `seconds`."""
+    def total():
+        cpu = 0.0
+        for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+            with suppress(psutil.Error):  # a child that just exited
+                cpu += sum(p.cpu_times()[:2])
+        return cpu
+    before = total()
+    time.sleep(seconds)
+    return total() - before
 
 
 @contextmanager
@@ -60,20 +77,25 @@ def mlflow_server(tmp: Path):
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
+        # /health answers before the server's huey job consumers have finished starting (several CPU
+        # seconds each); wait until the whole process tree is idle before timing anything.
+        while time.time() < deadline and server_cpu(proc.pid, 1.0) > 0.05:
+            pass
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
             proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+        proc.wait()
         log.close()
 
 
@@ -88,55 +110,82 @@ def shards(tmp: Path) -> tuple[Shard, Shard, str, str]:
     return train, dev, "synthetic", "synthetic shards (data/processed missing)"
 
 
-def run_config(uri, params, train, dev, init_state, args, tmp: Path, data_hash: str) -> dict:
-    """Train --epochs epochs from the initial weights; per-epoch seconds, log seconds, one-off seconds."""
-    torch.manual_seed(0)
-    model = models.build(params.model, train.feature_dim)
-    model.load_state_dict(init_state)
-    opt = torch.optim.Adam(model.parameters(), lr=params.train.lr)
-    ctc, refs, bs = torch.nn.CTCLoss(blank=0), dev.references(), params.train.batch_size
+class Trainer:
+    """A model from the shared initial weights and its optimizer; one epoch = --steps steps + dev eval."""
+
+    def __init__(self, params, train: Shard, dev: Shard, init_state: dict, steps: int):
+        self.params, self.train, self.dev, self.steps = params, train, dev, steps
+        self.model = models.build(params.model, train.feature_dim)
+        self.model.load_state_dict(init_state)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=params.train.lr)
+        self.ctc, self.refs = torch.nn.CTCLoss(blank=0), dev.references()
+
+    def epoch(self, epoch: int):
+        """Yields after each step and after the dev eval; returns the metrics dict ctclab's training
+        logs per epoch (its seconds are wall time, the other model's steps included)."""
+        t0, bs = time.perf_counter(), self.params.train.batch_size
+        self.model.train()
+        for indices in bucket_batches(self.train.frames(), bs, self.params.train.seed, epoch)[:self.steps]:
+            batch = collate(self.train, indices)
+            log_probs, out_lengths = self.model(batch.features, batch.lengths)
+            loss = self.ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.train.grad_clip)
+            self.opt.step()
+            yield
+        train_seconds = time.perf_counter() - t0
+        dev_loss, hyps, _ = evaluate_split(self.model, self.dev, 2 * bs, torch.device("cpu"))
+        s = score(hyps["greedy"], self.refs)
+        yield
+        return {"train_loss": loss.item(), "dev_loss": dev_loss, "dev_lev_greedy": s.mean_distance, "dev_per": s.per,
+                "lr": self.opt.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
+                "utterances_per_second": self.steps * bs / train_seconds}
+
+
+def interleaved(epochs: dict) -> tuple[dict, dict]:
+    """Run the epochs' steps in turn; each one's seconds and metrics."""
+    seconds, metrics = dict.fromkeys(epochs, 0.0), {}
+    while len(metrics) < len(epochs):
+        for name, steps in epochs.items():
+            if name not in metrics:
+                t0 = time.perf_counter()
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    metrics[name] = done.value
+                seconds[name] += time.perf_counter() - t0
+    return seconds, metrics
+
+
+def compare(uri: str, params, train, dev, init_state, args, tmp: Path, data_hash: str) -> dict:
+    """--epochs epochs with tracking off and on, inside one training run in store `uri`, the two
+    models' steps alternated; seconds per epoch, per log call, and run start + end."""
+    off, on = (Trainer(params, train, dev, init_state, args.steps) for _ in range(2))
+    logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("data", "features", "model", "train", "tracking")}
+    tags = {**tracking.provenance_tags(tmp, data_hash, "cpu", device_name(torch.device("cpu"))),
+            "parameter_count": models.parameter_count(on.model)}
+    times = {"off": [], "on": [], "log": []}
     t0 = time.perf_counter()
-    if uri:
-        logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("data", "features", "model", "train", "tracking")}
-        tags = {**tracking.provenance_tags(tmp, data_hash, "cpu", device_name(torch.device("cpu"))),
-                "parameter_count": models.parameter_count(model)}
-        run = tracking.training_run(uri, "bench-tracking", tmp, None, logged, tags)
-    else:
-        run = nullcontext()
-    out = {"epochs": [], "log": [], "one_off": time.perf_counter() - t0}
+    run = tracking.training_run(uri, "bench-tracking", tmp, None, logged, tags)
+    one_off = time.perf_counter() - t0
     with run:
         for epoch in range(args.epochs):
+            pair = {"off": off.epoch(epoch), "on": on.epoch(epoch)}  # going first is a bit slower: swap each epoch
+            seconds, metrics = interleaved(pair if epoch % 2 == 0 else dict(reversed(pair.items())))
             t0 = time.perf_counter()
-            model.train()
-            for indices in bucket_batches(train.frames(), bs, params.train.seed, epoch)[:args.steps]:
-                batch = collate(train, indices)
-                log_probs, out_lengths = model(batch.features, batch.lengths)
-                loss = ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)
-                opt.step()
-            train_seconds = time.perf_counter() - t0
-            dev_loss, hyps, _ = evaluate_split(model, dev, 2 * bs, torch.device("cpu"))
-            s = score(hyps["greedy"], refs)
-            metrics = {"train_loss": loss.item(), "dev_loss": dev_loss, "dev_lev_greedy": s.mean_distance,
-                       "dev_per": s.per, "lr": opt.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
-                       "utterances_per_second": args.steps * bs / train_seconds}
-            t_log = time.perf_counter()
-            if uri:
-                run.log_metrics(metrics, step=epoch + 1)
-            out["log"].append(time.perf_counter() - t_log)
-            out["epochs"].append(time.perf_counter() - t0)
+            run.log_metrics(metrics["on"], step=epoch + 1)
+            times["log"].append(time.perf_counter() - t0)
+            times["off"].append(seconds["off"])
+            times["on"].append(seconds["on"] + times["log"][-1])
         t0 = time.perf_counter()
-    out["one_off"] += time.perf_counter() - t0  # ending the run
-    return out
+    return {**times, "one_off": one_off + time.perf_counter() - t0}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--steps", type=int, default=16, help="training steps per epoch")
-    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
@@ -146,29 +195,21 @@ def main() -> None:
         tmp = Path(tmp_name)
         train, dev, data_hash, what = shards(tmp)
         init_state = models.build(params.model, train.feature_dim).state_dict()
-        print(f"{params.model.arch} on {what}: {args.epochs} epochs x {args.steps} steps of batch "
-              f"{params.train.batch_size} + dev eval ({len(dev)} utterances), best of {args.rounds} rounds, "
-              f"{torch.get_num_threads()} CPU threads\n")
-        results = {"off": [], "sqlite": [], "mlflow server": []}
+        print(f"{params.model.arch} on {what}: epochs of {args.steps} steps of batch {params.train.batch_size} "
+              f"+ dev eval ({len(dev)} utterances), {torch.get_num_threads()} CPU threads\n")
+        interleaved({"warm-up": Trainer(params, train, dev, init_state, steps=2).epoch(0)})
         with mlflow_server(tmp) as server_url:
-            uris = {"off": "", "sqlite": f"sqlite:///{tmp}/mlflow.db", "mlflow server": server_url}
-            run_config("", params, train, dev, init_state, argparse.Namespace(epochs=1, steps=2), tmp, data_hash)  # warm-up
-            for r in range(args.rounds):
-                for name in (list(uris) if r % 2 == 0 else list(uris)[::-1]):
-                    results[name].append(run_config(uris[name], params, train, dev, init_state, args, tmp, data_hash))
+            results = {store: compare(uri, params, train, dev, init_state, args, tmp, data_hash)
+                       for store, uri in (("sqlite", f"sqlite:///{tmp}/mlflow.db"), ("mlflow server", server_url))}
 
-    def per_epoch(name, key):  # best over rounds for each epoch, averaged over the epochs
-        return float(np.mean(np.min([res[key] for res in results[name]], axis=0)))
-
-    off = per_epoch("off", "epochs")
-    print(f"{'tracking':<15}{'s/epoch':>9}{'log ms/epoch':>14}{'off/on':>8}{'run start+end s':>17}")
+    print(f"{'store':<15}{'epochs':>8}{'off s/epoch':>13}{'on s/epoch':>12}{'log ms/epoch':>14}{'off/on':>8}"
+          f"{'run start+end s':>17}")
     ratios = {}
-    for name in results:
-        ratios[name] = off / per_epoch(name, "epochs")
-        one_off = min(res["one_off"] for res in results[name]) if name != "off" else 0.0
-        print(f"{name:<15}{per_epoch(name, 'epochs'):>9.3f}{1000 * per_epoch(name, 'log'):>14.1f}"
-              f"{ratios[name]:>8.3f}{one_off:>17.2f}")
-    print(f"\ntracking: {min(ratios['sqlite'], ratios['mlflow server']):.2f}x (goal >= 0.98x)")
+    for store, r in results.items():
+        ratios[store] = sum(r["off"]) / sum(r["on"])
+        print(f"{store:<15}{args.epochs:>8}{np.mean(r['off']):>13.3f}{np.mean(r['on']):>12.3f}"
+              f"{1000 * np.mean(r['log']):>14.1f}{ratios[store]:>8.3f}{r['one_off']:>17.2f}")
+    print(f"\ntracking: {min(ratios.values()):.2f}x (goal >= 0.98x)")
 
 
 if __name__ == "__main__":
