@@ -119,7 +119,8 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
             total = loss_sum.item()
             if not math.isfinite(total):
                 raise RuntimeError(f"non-finite CTC loss in {desc} by batch {step}; lower train.lr")
-            bar.set_postfix(loss=f"{total / seen:.3f}", utt_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            # refresh=False: in a log (not a terminal) the bar then writes at most every mininterval
+            bar.set_postfix(loss=f"{total / seen:.3f}", utt_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
