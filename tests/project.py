@@ -67,6 +67,27 @@ def run_train(project: Path) -> dict:
                  project / "metrics", root=project, progress=False)
 
 
+def kill_after_first_checkpoint(project: Path, deadline_s: float = 600) -> int:
+    """Start the train stage as its own process, SIGKILL it once a resume checkpoint exists, and
+    return the epoch that checkpoint holds. The deadline covers imports and pip freeze on a slow machine."""
+    import time
+
+    import torch
+
+    from ctclab.checkpoint import RESUME_DIR
+
+    proc = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + deadline_s
+    while not list((project / RESUME_DIR).glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    saved = list((project / RESUME_DIR).glob("*.pt"))
+    assert saved, "training finished or failed before it could be killed"
+    return torch.load(saved[0], weights_only=False)["epoch"]
+
+
 # What an architecture has no place for must be left neutral (ctclab.config refuses it otherwise).
 NEUTRAL = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout": {"lstm": 0.0}}, "conv_lstm": {}}
 

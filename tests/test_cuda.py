@@ -2,21 +2,16 @@
 and backward under autocast, bf16 and fp16 (+ grad scaler), resume. Skipped without a GPU;
 bench/gpu_check.sh runs them on a GPU machine (needs only torch, numpy, pydantic, mlflow-skinny)."""
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import make_spring2022
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.data import preprocess
 from ctclab.inference import load_checkpoint
 from ctclab.models import BiLSTM, build
-from project import NEUTRAL, config, env, merge, project_with_data, run_train
+from project import NEUTRAL, config, kill_after_first_checkpoint, merge, project_with_data, run_train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -84,16 +79,7 @@ def test_lstm_runs_fp32_under_autocast_with_cudnn_backward():
 
 def test_killed_cuda_training_resumes_in_the_same_run(tmp_path, processed):
     project = cuda_project(tmp_path, processed, {"train": {"epochs": 40}})
-    proc = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list((project / RESUME_DIR).glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = list((project / RESUME_DIR).glob("*.pt"))
-    assert saved, "training finished or failed before it could be killed"
-    killed_at = torch.load(saved[0], weights_only=False)["epoch"]
+    killed_at = kill_after_first_checkpoint(project)
     assert 1 <= killed_at < 40
     result = run_train(project)
     history = load_checkpoint(project / "models/last.pt")["history"]

@@ -1,9 +1,5 @@
 """Training: each architecture end to end, MLflow records, determinism, kill-and-resume."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import numpy as np
@@ -15,7 +11,7 @@ from ctclab.data import preprocess
 from ctclab.batching import bucket_batches
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.inference import load_checkpoint
-from project import NEUTRAL, env, project_with_data, run_train
+from project import NEUTRAL, kill_after_first_checkpoint, project_with_data, run_train
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +84,7 @@ def test_killed_training_resumes_to_the_same_weights_in_the_same_run(tmp_path, p
     run_train(reference)
 
     project = project_with_data(tmp_path / "killed", processed, over)
-    proc = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600  # imports and pip freeze on a slow machine
-    while not list((project / RESUME_DIR).glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = list((project / RESUME_DIR).glob("*.pt"))
-    assert saved, "training finished or failed before it could be killed"
-    killed_at = torch.load(saved[0], weights_only=False)["epoch"]
+    killed_at = kill_after_first_checkpoint(project)
     assert 1 <= killed_at < 6
     assert not (project / "metrics/train.json").exists()
 
