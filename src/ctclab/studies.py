@@ -24,6 +24,7 @@ parent run; re-running a study skips variant × seeds whose child run finished.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from . import config, tracking
 from .errors import CtclabError
 from .project import tool_env
+
+# How long the runner waits with experiments pending and no queue worker alive before it stops.
+WORKERLESS_SECONDS = 30
 
 Metric = Literal["dev_lev_beam", "dev_lev_greedy", "dev_per", "dev_per_greedy"]
 
@@ -188,25 +192,35 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
         # The workers outlive this call: they must not hold our output pipes, or we wait on them.
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root,
                        env=worker_env(jobs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        dead_since = None
         while True:
-            states = queue_states(root, queued)
+            states, workers = queue_states(root, queued)
             pending = [n for n, s in states.items() if s in ("Queued", "Running", None)]
             print(f"  {len(queued) - len(pending)}/{len(queued)} finished ({time.monotonic() - t0:.0f} s)", flush=True)
             if not pending:
                 break
+            # DVC's queue can lose a worker, or leave a failed experiment marked Running after its
+            # worker exited: with no worker alive for WORKERLESS_SECONDS, nothing will finish.
+            dead_since = None if workers else (dead_since or time.monotonic())
+            if dead_since and time.monotonic() - dead_since > WORKERLESS_SECONDS:
+                print(f"study {study.name}: no DVC queue worker alive for {WORKERLESS_SECONDS} s; stopped waiting for "
+                      f"{', '.join(pending)}", flush=True)
+                break
             time.sleep(poll_seconds)
-    states = queue_states(root, queued) if queued else {}
+    states = queue_states(root, queued)[0] if queued else {}
     failed = sorted(n for n, s in states.items() if s != "Success")
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
             "parent_run_id": parent.run_id}
 
 
-def queue_states(root: Path, names: list[str]) -> dict[str, str | None]:
-    """Each named experiment's queue status (Queued, Running, Success, Failed), from `dvc queue status`."""
+def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], bool]:
+    """Each named experiment's queue status (Queued, Running, Success, Failed) and whether any queue
+    worker is alive, from `dvc queue status` ("Worker status: N active, M idle")."""
     out = _dvc(root, "queue", "status", check=False).stdout
     states: dict[str, str | None] = dict.fromkeys(names)
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", out)
     for line in out.splitlines():
         cols = line.split()
         if len(cols) >= 2 and cols[1] in states:
             states[cols[1]] = cols[-1]
-    return states
+    return states, workers is None or int(workers.group(1)) + int(workers.group(2)) > 0
