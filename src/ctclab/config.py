@@ -9,6 +9,7 @@ naming the dotted key, e.g. `params.yaml: train.scheduler = 'step', expected one
 """
 from __future__ import annotations
 
+import functools
 import re
 import typing
 from pathlib import Path
@@ -92,7 +93,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _knobs_apply_to_arch(self):
         for key, (neutral, why) in IGNORED_KNOBS[self.arch].items():
-            value = self.dropout.lstm if key == "dropout.lstm" else getattr(self, key)
+            value = functools.reduce(getattr, key.split("."), self)
             if value != neutral:
                 raise rule_error(key, value, f"{neutral} with model.arch = {self.arch}: {why}")
         if self.arch == "convnext" and self.convnext_blocks < 1:
@@ -166,6 +167,12 @@ def rule_error(key: str, value, expected: str) -> PydanticCustomError:
                                {"key": key, "value": value, "expected": expected})
 
 
+def _submodel(annotation) -> type[BaseModel] | None:
+    """The model a field holds: itself, or the item type of e.g. list[Variant]; None for leaves."""
+    return next((a for a in (annotation, *typing.get_args(annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def _field(loc: list[str], root: type[BaseModel]):
     """The pydantic FieldInfo at a location of `root` (list indices skipped; None past a leaf)."""
     model, info = root, None
@@ -175,9 +182,7 @@ def _field(loc: list[str], root: type[BaseModel]):
         info = model.model_fields.get(part) if model is not None else None
         if info is None:
             return None
-        ann = info.annotation
-        ann = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _submodel(info.annotation)
     return info
 
 
@@ -208,9 +213,7 @@ def one_line(err: ValidationError, source: str, root: type[BaseModel]) -> str:
     key = ".".join(loc).replace(".[", "[")
     if e["type"] == "extra_forbidden":
         parent = _field(loc[:-1], root) if loc[:-1] else None
-        model = root if parent is None else next(
-            (a for a in (parent.annotation, *typing.get_args(parent.annotation))
-             if isinstance(a, type) and issubclass(a, BaseModel)), root)
+        model = (_submodel(parent.annotation) if parent is not None else None) or root
         return f"{source}: unknown key {key}; expected one of {', '.join(model.model_fields)}"
     if e["type"] == "missing":
         return f"{source}: missing key {key}; params.yaml must set every key (the repository's params.yaml lists them)"

@@ -14,7 +14,7 @@ from torch import nn
 from . import models
 from .batching import collate, ctc_min_frames
 from .data import Shard
-from .decode import greedy
+from .decode import BeamDecoder, greedy
 from .errors import CtclabError
 
 
@@ -86,8 +86,6 @@ def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, d
 
 def decode_split(checkpoint_path: Path, shard: Shard, beam_width: int, workers: int, with_greedy: bool):
     """Best checkpoint over a split with beam search (and greedy): (loss, hypotheses, seconds)."""
-    from .decode import BeamDecoder
-
     device = select_device("auto")
     model = load_model(checkpoint_path, device)
     with BeamDecoder(beam_width, workers) as beam:

@@ -8,6 +8,7 @@ it (a remote `mlflow server` too).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 
+from .errors import CtclabError
 from .project import real_root
 
 # Read once: mlflow.set_tracking_uri() itself exports MLFLOW_TRACKING_URI, so a later read would
@@ -229,10 +231,6 @@ def log_study_child(uri: str, training_run_id: str, parent_run_id: str, labels: 
 
 def training_run_info(models_dir: Path) -> dict:
     """The MLflow run (id and store) that the train stage wrote beside its checkpoints."""
-    import json
-
-    from .errors import CtclabError
-
     path = Path(models_dir) / "mlflow_run.json"
     if not path.is_file():
         raise CtclabError(f"{path}: missing; run the train stage first (dvc repro train)")
