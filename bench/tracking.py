@@ -167,7 +167,7 @@ def compare(uri: str, params, train, dev, init_state, args, tmp: Path, data_hash
             "parameter_count": models.parameter_count(on.model)}
     times = {"off": [], "on": [], "log": []}
     t0 = time.perf_counter()
-    run = tracking.training_run(uri, "bench-tracking", tmp, None, logged, tags)
+    run = tracking.training_run(uri, "bench-tracking", tmp, None, logged, tags, "bench")
     one_off = time.perf_counter() - t0
     with run:
         for epoch in range(args.epochs):

@@ -8,7 +8,8 @@ from ctclab.errors import one_line_errors
 from ctclab.train import train
 
 # The keys that change what train writes: train.resume only decides whether an interrupted run
-# continues, train.loader_workers only how fast batches arrive, tracking.* only where the run is logged.
+# continues, train.loader_workers only how fast batches arrive, tracking.* and study.* only where and
+# under which name the run is logged.
 PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer", "train.weight_decay",
           "train.scheduler", "train.grad_clip", "train.seed", "train.device", "train.amp", "train.specaugment"]
 

@@ -82,3 +82,16 @@ def test_changing_only_beam_width_reruns_evaluate_and_submit_but_not_train(repro
     assert "Stage 'train' didn't change, skipping" in out
     assert "Running stage 'evaluate'" in out and "Running stage 'submit'" in out
     assert json.loads((project / "metrics/eval.json").read_text())["beam_width"] == 2
+
+
+def test_predict_with_the_logged_model_reproduces_the_submission(repro):
+    project, _ = repro
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    [logged] = mlflow.get_run(run_id).outputs.model_outputs
+    for uri in (f"models:/{logged.model_id}", f"runs:/{run_id}/model"):
+        out = run(project, sys.executable, "-m", "ctclab", "predict", "--model", uri, "--mfcc", "data/raw").stdout
+        assert out == (project / "submission/submission.csv").read_text()
+    bad = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/nope@champion", "--mfcc",
+              "data/raw", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--model models:/nope@champion" in bad.stderr

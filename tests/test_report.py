@@ -1,4 +1,6 @@
-"""Report pieces on hand-made runs: per-seed values and whether timings compare."""
+"""Report pieces on hand-made runs: per-seed values, Holm-adjusted verdicts, whether timings compare."""
+import pytest
+
 from ctclab import report, tracking
 from ctclab.studies import Study
 
@@ -27,3 +29,58 @@ def test_timings_compare_only_under_equal_contention():
     old = report.latest_by_variant(STUDY, [tracking.RunRecord("x" * 32, "FINISHED", 0, {}, {"dev_lev_beam": 1.0},
                                                                 {"variant": "a", "seed": "0"})])
     assert "NOT comparable" in report.timing_note(old)  # unrecorded contention is never assumed equal
+
+
+def test_holm_adjustment_against_a_hand_computed_case():
+    # sorted p: 0.0005054853 × 3 = 0.0015164560; 0.0430149067 × 2 = 0.0860298135; 0.0604815026 × 1 = 0.0604815026,
+    # made monotone → 0.0860298135 for the last two; returned in the order given
+    adjusted = report.holm([0.0430149067, 0.0005054853, 0.0604815026])
+    assert adjusted == pytest.approx([0.0860298135, 0.0015164560, 0.0860298135], abs=1e-9)
+    assert report.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert report.holm([]) == []
+
+
+def test_p_value_is_the_paired_t_test():
+    from scipy import stats
+
+    t = -1.05 / ((0.05 / 3) ** 0.5 / 2)  # mean / (sd / sqrt(n)) for the diffs below, by hand
+    assert report.p_value([-1.0, -1.2, -0.9, -1.1]) == pytest.approx(2 * stats.t.sf(abs(t), 3), rel=1e-9)
+    assert report.p_value([0.3, 0.3]) == 0.0 and report.p_value([0.0, 0.0]) == 1.0 and report.p_value([1.0]) is None
+
+
+def test_a_variant_significant_alone_is_not_after_holm():
+    study = Study(name="s", question="q?", seeds=[0, 1, 2, 3],
+                  variants=[{"name": "a", "baseline": True}, {"name": "b"}, {"name": "c"}, {"name": "d"}])
+    diffs = {"b": [-1.0, -1.2, -0.9, -1.1], "c": [-0.5, -0.1, -0.3, -0.6], "d": [0.1, 0.5, 0.2, 0.6]}
+    runs = [run("a", s, 5.0) for s in range(4)]
+    runs += [run(v, s, 5.0 + d[s]) for v, d in diffs.items() for s in range(4)]
+    comparisons = report.compare(study, report.latest_by_variant(study, runs))
+    assert comparisons["c"].p == pytest.approx(0.0430149, abs=1e-6)  # < 0.05 on its own
+    assert comparisons["c"].p_holm == pytest.approx(0.0860298, abs=1e-6)
+    assert comparisons["b"].p_holm == pytest.approx(0.0015165, abs=1e-6)
+    lines = {v.name: report._row(study, v, report.latest_by_variant(study, runs)[v.name], comparisons.get(v.name))
+             for v in study.variants}
+    assert "| better |" in lines["b"] and "| 0.001 (0.002) |" in lines["b"]
+    assert "| no detectable difference with 4 seeds |" in lines["c"] and "| 0.043 (0.086) |" in lines["c"]
+    assert "| -0.375 [" in lines["c"] and "| baseline |" in lines["a"]
+
+
+def test_studies_recorded_before_study_experiments_still_report(tmp_path):
+    """Parents in the main experiment, final scores as bare `dev_lev_beam`, curves as `epoch/…`."""
+    import mlflow
+
+    from project import make_project
+
+    project = make_project(tmp_path / "p", git=False)
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    parent = tracking.create_parent(store, "ctclab", project, "s", False, "s", "q?", "")
+    client = mlflow.MlflowClient(store)
+    for variant, value in (("a", 2.0), ("b", 3.0)):
+        child = client.create_run(parent.experiment_id, tags={"mlflow.parentRunId": parent.run_id, "variant": variant,
+                                                              "seed": "0"})
+        client.log_metric(child.info.run_id, "dev_lev_beam", value)
+        client.log_metric(child.info.run_id, "epoch/dev_lev_greedy", value + 1, step=1)
+        client.set_terminated(child.info.run_id)
+    md = report.report(Study(name="s", question="q?", variants=[{"name": "a", "baseline": True}, {"name": "b"}],
+                             seeds=[0]), project).read_text()
+    assert "| a | 2.000 (`" in md and "| 3.000 (`" in md and f"parent run `{parent.run_id}`" in md

@@ -8,6 +8,7 @@ import yaml
 
 from ctclab import report, studies
 from ctclab.errors import CtclabError
+from conftest import make_fall2022, make_spring2022
 from project import REPO, make_project, run
 
 SMOKE = {"seeds": [0, 1], "params": {"data.synthetic.train": 12, "data.synthetic.dev": 4, "data.synthetic.test": 2,
@@ -28,9 +29,9 @@ def study_cli(project, *args, check=True):
     return run(project, sys.executable, "-m", "ctclab", "study", *args, check=check, timeout=900)
 
 
-def all_runs(project):
+def all_runs(project, experiment):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["ctclab"], output_format="list")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
 def test_smoke_study_two_variants_two_seeds(tmp_path):
@@ -47,19 +48,25 @@ def test_smoke_study_two_variants_two_seeds(tmp_path):
     for seed in (0, 1):
         name = f"kaiming_smoke-broken-s{seed}-smoke"
         assert f"FAILED {name}: see its log with `dvc queue logs {name}`" in out
-    runs = all_runs(project)
+    assert "MLflow UI: http://127.0.0.1:5000/#/experiments/" in out
+    runs = all_runs(project, "ctclab/kaiming_smoke-smoke")  # the study's own experiment
+    assert all_runs(project, "ctclab") == []  # plain `dvc repro` runs only
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("ctclab/kaiming_smoke-smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     parents = [r for r in runs if r.data.tags.get("ctclab_study_parent") == "kaiming_smoke"]
     assert len(parents) == 1
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted((k.data.tags["variant"], k.data.tags["seed"]) for k in kids) == [
-        ("off", "0"), ("off", "1"), ("on", "0"), ("on", "1")]
-    for k in kids:
+    assert sorted(k.info.run_name for k in kids) == ["off-s0", "off-s1", "on-s0", "on-s1"]  # broken never trained
+    for k in kids:  # each child is its variant × seed's training run: params, curves, data, model
+        assert k.info.run_name == f"{k.data.tags['variant']}-s{k.data.tags['seed']}"
         assert k.data.tags["study"] == "kaiming_smoke"
         assert k.data.tags["dvc_exp_name"] == f"kaiming_smoke-{k.data.tags['variant']}-s{k.data.tags['seed']}-smoke"
         assert k.data.params["model.kaiming"] == str(k.data.tags["variant"] == "on")
-        assert "dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
-        curve = mlflow.MlflowClient().get_metric_history(k.info.run_id, "epoch/dev_lev_greedy")
-        assert [h.step for h in curve] == [1]  # the learning curve, apart from the final scores
+        assert k.data.params["decode.beam_width"] == str(yaml.safe_load((project / "params.yaml").read_text())["decode"]["beam_width"])
+        assert "eval_dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
+        assert [h.step for h in client.get_metric_history(k.info.run_id, "dev_lev_greedy")] == [1]
+        assert k.inputs.dataset_inputs[0].dataset.name == "ctclab-synthetic" and k.outputs.model_outputs
     report = (project / "experiments/reports/kaiming_smoke-smoke.md").read_text()
     rows = [l for l in report.splitlines() if (l.startswith("| on ") or l.startswith("| off ")) and " ± " in l]
     assert len(rows) == 2 and all("| 2 |" in r and "| 2 × " in r for r in rows)  # n = 2, run with -j 2
@@ -68,9 +75,28 @@ def test_smoke_study_two_variants_two_seeds(tmp_path):
     assert "| broken |" in report and "no finished runs" in report
     assert "no detectable difference with 2 seeds" in rows[1] or "better" in rows[1] or "worse" in rows[1]
     assert (project / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
+    assert "p (Holm)" in report and "Holm-adjusted across the study's 1 comparison (in" in report  # broken has none
     # a second run skips what is complete
     again = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke", check=False).stdout
     assert "4 skipped (already complete), 2 failed" in again, again
+
+    # promote: the lowest-mean variant's best seed, registered with the verdict; then predict with it
+    out = study_cli(project, "promote", "experiments/kaiming_smoke.yaml", "--smoke").stdout
+    score = {(k.data.tags["variant"], k.data.tags["seed"]): k.data.metrics["eval_dev_lev_beam"] for k in kids}
+    best = min(("on", "off"), key=lambda v: score[(v, "0")] + score[(v, "1")])
+    seed = min(("0", "1"), key=lambda s: score[(best, s)])
+    version = client.get_model_version_by_alias("ctclab-conv_lstm", "champion")
+    assert (version.tags["variant"], version.tags["seed"]) == (best, seed), out
+    winner = next(k for k in kids if (k.data.tags["variant"], k.data.tags["seed"]) == (best, seed))
+    assert winner.outputs.model_outputs[0].model_id in version.source
+    assert f"best variant {best}" in version.description and "verdict vs baseline:" in version.description
+    assert "ctclab-conv_lstm version 1 (alias champion)" in out
+    for make, header, n in ((make_spring2022, "id,predictions", 6), (make_fall2022, "index,label", 6)):
+        data = make(tmp_path / header.split(",")[0], dim=13)
+        csv_text = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/ctclab-conv_lstm@champion",
+                       "--mfcc", str(data), "--beam", "2").stdout
+        lines = csv_text.splitlines()
+        assert lines[0] == header and [l.split(",")[0] for l in lines[1:]] == [str(i) for i in range(n)], csv_text
 
 
 def test_beam_width_study_trains_exactly_once(tmp_path):
@@ -81,12 +107,17 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
     project = committed_project(tmp_path, study)
     out = study_cli(project, "run", "experiments/beam_smoke.yaml", "--smoke", "-j", "1").stdout
     assert "2 ran" in out and "0 failed" in out, out
-    runs = all_runs(project)
-    trainings = [r for r in runs if "train_loss" in r.data.metrics and "mlflow.parentRunId" not in r.data.tags]
-    assert len(trainings) == 1
+    runs = all_runs(project, "ctclab/beam_smoke-smoke")
     kids = [r for r in runs if r.data.tags.get("study") == "beam_smoke" and "mlflow.parentRunId" in r.data.tags]
-    assert {k.data.tags["training_run_id"] for k in kids} == {trainings[0].info.run_id}
+    trainings = [k for k in kids if "training_run_id" not in k.data.tags]
+    assert len(kids) == 2 and len(trainings) == 1 and "train_loss" in trainings[0].data.metrics
+    # the other variant reused the trained model (DVC's run cache): a child that points at that training
+    [reuse] = [k for k in kids if "training_run_id" in k.data.tags]
+    assert reuse.data.tags["training_run_id"] == trainings[0].info.run_id
     assert sorted(k.data.params["decode.beam_width"] for k in kids) == ["1", "8"]
+    client = mlflow.MlflowClient()
+    [linked] = client.get_run(reuse.info.run_id).inputs.model_inputs  # the model column shows the shared model
+    assert linked.model_id == client.get_run(trainings[0].info.run_id).outputs.model_outputs[0].model_id
 
 
 def write_study(tmp_path, **over):
@@ -126,10 +157,10 @@ def test_paired_interval_and_verdicts():
     # by hand: sd = sqrt(0.05 / 3) = 0.1290994, se = sd / 2, t(0.975, 3) = 3.1824463 → half width 0.2054260
     assert (m, lo, hi) == pytest.approx((-1.05, -1.2554260, -0.8445740), abs=1e-6)
     assert report.paired([0.3, 0.3, 0.3]) == (0.3, 0.3, 0.3)  # no spread: the interval is the point
-    assert report.verdict((m, lo, hi), 4) == "better"
-    assert report.verdict((1.0, 0.2, 1.8), 3) == "worse"
-    assert report.verdict((0.1, -0.5, 0.7), 3) == "no detectable difference with 3 seeds"
-    assert report.verdict(None, 1) == "no interval with n=1 seed"
+    assert report.verdict(-1.05, 0.0015, 4) == "better"
+    assert report.verdict(1.0, 0.01, 3) == "worse"
+    assert report.verdict(-0.4, 0.086, 4) == "no detectable difference with 4 seeds"
+    assert report.verdict(None, None, 1) == "no interval with n=1 seed"
 
 
 def test_parallel_queue_workers_share_the_cores(monkeypatch):

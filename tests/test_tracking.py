@@ -30,21 +30,42 @@ def test_experiment_artifacts_live_beside_the_default_store(tmp_path, monkeypatc
     assert location == (tmp_path / "mlartifacts").as_uri()
 
 
+def test_experiments_are_tagged_as_model_training_also_older_ones(tmp_path, store):
+    mlflow.set_tracking_uri(store)
+    client = mlflow.MlflowClient()
+    older = client.create_experiment("older")  # as an earlier ctclab made it: no kind tag
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    for name in ("new", "older"):
+        exp_id = tracking.experiment_id(store, name, tmp_path)
+        assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_training_run_logs_once_and_a_resumed_run_is_the_same_run(tmp_path, store):
     params, tags = {"model.hidden": 8, "train.seed": 1}, {"device": "cpu", "parameter_count": 42}
-    with tracking.training_run(store, "t", tmp_path, None, params, tags) as run:
+    with tracking.training_run(store, "t", tmp_path, None, params, tags, "conv_lstm-h8-s1") as run:
         run.log_metrics({"dev_loss": 2.0}, step=1)
         first = run.run_id
-    with tracking.training_run(store, "t", tmp_path, first, {"model.hidden": 999}, {"device": "cuda"}) as run:
+    with tracking.training_run(store, "t", tmp_path, first, {"model.hidden": 999}, {"device": "cuda"}, "x") as run:
         run.log_metrics({"dev_loss": 1.0}, step=2)
         assert run.run_id == first
     client = mlflow.MlflowClient(store)
     r = client.get_run(first)
     assert r.data.params == {"model.hidden": "8", "train.seed": "1"}  # not overwritten on resume
     assert r.data.tags["device"] == "cpu" and r.data.tags["parameter_count"] == "42"
+    assert r.info.run_name == "conv_lstm-h8-s1"
     assert [(m.step, m.value) for m in client.get_metric_history(first, "dev_loss")] == [(1, 2.0), (2, 1.0)]
     freeze = client.download_artifacts(first, "environment/pip-freeze.txt", str(tmp_path))
     assert "mlflow==" in Path(freeze).read_text()
+
+
+def test_training_runs_record_system_metrics(tmp_path, store, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with tracking.training_run(store, "t", tmp_path, None, {}, {}, "r") as run:
+        time.sleep(1.5)
+    metrics = mlflow.MlflowClient(store).get_run(run.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
 
 
 def test_provenance_names_commit_dirt_and_versions(tmp_path):
@@ -55,33 +76,40 @@ def test_provenance_names_commit_dirt_and_versions(tmp_path):
     subprocess.run(["git", "add", "f"], cwd=tmp_path, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"], cwd=tmp_path, check=True)
     clean = tracking.provenance_tags(tmp_path, "abc", "cpu", "x86_64")
-    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] == "false" and clean["data_hash"] == "abc"
+    assert len(clean["mlflow.source.git.commit"]) == 40 and clean["git_dirty"] == "false"
+    assert clean["mlflow.source.git.branch"] in ("master", "main") and clean["data_hash"] == "abc"
     (tmp_path / "f").write_text("changed")
     assert tracking.provenance_tags(tmp_path, "abc", "cpu", "x86_64")["git_dirty"] == "true"
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
     (outside / ".git").write_text("gitdir: /nonexistent")  # git fails here: the tag says so
-    assert tracking.provenance_tags(outside, "abc", "cpu", "x86_64")["git_commit"] == "unknown"
+    assert tracking.provenance_tags(outside, "abc", "cpu", "x86_64")["mlflow.source.git.commit"] == "unknown"
 
 
 def test_study_parent_and_child_runs(tmp_path, store):
-    assert tracking.find_parent(store, "s", tmp_path, "kaiming", smoke=True) is None
-    parent = tracking.create_parent(store, "s", tmp_path, "kaiming", True, "kaiming (smoke)", "q?", "name: kaiming\n")
-    assert tracking.find_parent(store, "s", tmp_path, "kaiming", smoke=True) == parent
-    assert tracking.find_parent(store, "s", tmp_path, "kaiming", smoke=False) is None
-    with tracking.training_run(store, "s", tmp_path, None, {"model.kaiming": True}, {"parameter_count": 7}) as run:
+    assert tracking.find_parent(store, "s/kaiming", tmp_path, "kaiming", smoke=True) is None
+    parent = tracking.create_parent(store, "s/kaiming", tmp_path, "kaiming", True, "kaiming (smoke)", "q?", "name: k\n")
+    assert tracking.find_parent(store, "s/kaiming", tmp_path, "kaiming", smoke=True) == parent
+    assert tracking.find_parent(store, "s/kaiming", tmp_path, "kaiming", smoke=False) is None
+    labels = {"study": "kaiming", "variant": "on", "seed": "0"}
+    # the variant's own training: a child of the parent, in the parent's experiment
+    with tracking.training_run(store, "s", tmp_path, None, {"model.kaiming": True}, {"parameter_count": 7, **labels},
+                               "on-s0", parent.run_id) as run:
         for epoch, v in ((1, 5.0), (2, 3.0)):
             run.log_metrics({"dev_lev_greedy": v, "epoch_seconds": 10.0}, step=epoch)
-    child = tracking.log_study_child(store, run.run_id, parent.run_id,
-                                     {"study": "kaiming", "variant": "on", "seed": "0"}, {"decode.beam_width": 4},
-                                     {"dev_lev_beam": 2.5}, {"evaluate/worst.tsv": "id\n"})
-    [record] = tracking.children(parent)
-    assert record.run_id == child and record.status == "FINISHED"
-    assert record.tags["variant"] == "on" and record.tags["training_run_id"] == run.run_id
-    assert record.params == {"model.kaiming": "True", "decode.beam_width": "4"}
-    assert record.metrics["dev_lev_beam"] == 2.5 and record.metrics["train_seconds"] == 20.0
-    assert record.metrics["parameter_count"] == 7.0
-    assert tracking.metric_history(child, "epoch/dev_lev_greedy") == [(1, 5.0), (2, 3.0)]
+    assert tracking.is_study_child(store, run.run_id, parent.run_id, labels)
+    assert not tracking.is_study_child(store, run.run_id, parent.run_id, {**labels, "variant": "off"})
+    [own] = tracking.children(parent)
+    assert own.run_id == run.run_id and mlflow.MlflowClient(store).get_run(run.run_id).info.experiment_id == parent.experiment_id
+    # another variant evaluating the same trained model gets a child run of its own
+    child = tracking.log_study_child(store, run.run_id, parent.run_id, {**labels, "variant": "b8"},
+                                     {"decode.beam_width": 8}, {"eval_dev_lev_beam": 2.5}, {"evaluate/worst.tsv": "id\n"})
+    record = next(r for r in tracking.children(parent) if r.run_id == child)
+    assert record.status == "FINISHED" and record.tags["variant"] == "b8" and record.tags["training_run_id"] == run.run_id
+    assert record.params == {"model.kaiming": "True", "decode.beam_width": "8"}
+    assert record.metrics["eval_dev_lev_beam"] == 2.5 and record.metrics["train_seconds"] == 20.0
+    assert record.tags["parameter_count"] == "7"
+    assert tracking.metric_history(child, "dev_lev_greedy") == [(1, 5.0), (2, 3.0)]
 
 
 def test_a_missing_run_pointer_is_one_line(tmp_path):

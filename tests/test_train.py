@@ -10,7 +10,7 @@ from ctclab.config import load_params
 from ctclab.data import preprocess
 from ctclab.batching import bucket_batches
 from ctclab.checkpoint import RESUME_DIR
-from ctclab.inference import load_checkpoint
+from ctclab.inference import load_checkpoint, load_model
 from project import NEUTRAL, kill_after_first_checkpoint, project_with_data, run_train
 
 
@@ -43,7 +43,23 @@ def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, a
     tags = run.data.tags
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
     assert tags["data_hash"] == json.loads((project / "data/processed/meta.json").read_text())["data_hash"]
-    assert {"git_commit", "git_dirty", "cudnn_version", "cuda_version", "host"} <= set(tags)
+    assert {"mlflow.source.git.commit", "git_dirty", "cudnn_version", "cuda_version", "host"} <= set(tags)
+    assert run.info.run_name == f"{arch}-h{run.data.params['model.hidden']}-s0"
+    meta = json.loads((project / "data/processed/meta.json").read_text())
+    [data] = run.inputs.dataset_inputs  # the Dataset column: which data this run saw
+    assert data.dataset.name == "ctclab-synthetic" and data.dataset.digest == meta["data_hash"][:12]
+    assert json.loads(data.dataset.profile)["utterances"] == meta["utterances"]
+    assert {t.key: t.value for t in data.tags} == {"mlflow.data.context": "training"}
+    # the best checkpoint as an MLflow model: loads by URI, raw MFCC in, the checkpoint's log-probs out
+    [logged] = run.outputs.model_outputs
+    recognizer = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    best = load_model(project / "models/best.pt")
+    x = torch.randn(2, 40, 13)
+    normalised = (x - x.mean(1, keepdim=True)) / (x.std(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(recognizer(x), best(normalised, torch.tensor([40, 40]))[0], rtol=0, atol=0)
+    info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, -1, 13)
+    assert info.metadata["features"] == {"normalize": "utterance"}
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert artifacts == {"checkpoints/best.pt", "checkpoints/last.pt"}

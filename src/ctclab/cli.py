@@ -4,6 +4,9 @@
                                    summary (data, utterances, stage times, metrics)
     ctclab ui [--port 5000]        the MLflow UI on the project's tracking store (tracking.uri)
     ctclab study run|report        ablation studies from experiments/<study>.yaml (see ctclab.studies)
+    ctclab study promote STUDY     register the study's best variant as ctclab-<arch>@champion
+    ctclab predict --model URI --mfcc DIR [--beam N] > out.csv
+                                   decode MFCC files with a logged/registered MLflow model
     ctclab params --schema         the JSON schema of params.yaml
 """
 from __future__ import annotations
@@ -125,7 +128,7 @@ def cmd_study_run(a) -> int:
     result = studies.run_study(study, root, a.jobs, tuple(a.seeds) if a.seeds else None, a.smoke)
     print(f"study {study.name}: {len(result['queued']) - len(result['failed'])} ran, {len(result['skipped'])} skipped "
           f"(already complete), {len(result['failed'])} failed in {result['seconds']:.0f} s; parent MLflow run "
-          f"{result['parent_run_id']}")
+          f"{result['parent_run_id']}; MLflow UI: {result['ui']}")
     for name in result["failed"]:
         print(f"  FAILED {name}: see its log with `dvc queue logs {name}`")
     if result["queued"] or result["skipped"]:
@@ -140,6 +143,27 @@ def cmd_study_report(a) -> int:
     root = repo_root()
     md = report.report(studies.load(a.study, root / "params.yaml"), root, a.smoke)
     print(f"report: {md.relative_to(root)}")
+    return 0
+
+
+def cmd_study_promote(a) -> int:
+    from . import report, studies
+
+    root = repo_root()
+    print(report.promote(studies.load(a.study, root / "params.yaml"), root, a.smoke))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .config import load_params
+    from .submission import predict
+    from .tracking import load_model
+
+    root = repo_root()
+    params = load_params(root / "params.yaml")
+    recognizer, _ = load_model(params.tracking.uri, root, a.model)
+    beam = a.beam or params.decode.beam_width
+    sys.stdout.write(predict(recognizer, Path(a.mfcc), beam, params.decode.workers, a.format))
     return 0
 
 
@@ -168,6 +192,16 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("study")
     q.add_argument("--smoke", action="store_true")
     q.set_defaults(func=cmd_study_report)
+    q = ssub.add_parser("promote", help="register the report's best variant (its best seed) as ctclab-<arch>@champion")
+    q.add_argument("study")
+    q.add_argument("--smoke", action="store_true")
+    q.set_defaults(func=cmd_study_promote)
+    p = sub.add_parser("predict", help="decode a folder of MFCC .npy files with an MLflow model to a submission CSV")
+    p.add_argument("--model", required=True, help="e.g. models:/ctclab-conv_lstm@champion or runs:/<run id>/model")
+    p.add_argument("--mfcc", required=True, help="a dataset folder (its test split) or a folder of .npy files")
+    p.add_argument("--beam", type=int, help="beam width (default: decode.beam_width)")
+    p.add_argument("--format", choices=["spring2022", "fall2022"], help="CSV format (default: the dataset's)")
+    p.set_defaults(func=cmd_predict)
     return ap
 
 

@@ -164,7 +164,9 @@ def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
         raise CtclabError(f"{first['file']}: {first['problem']} ({len(report)} bad utterances in all, listed in "
                           f"{out / 'bad_utterances.json'}); fix them or set features.on_bad: skip")
     _check_usable(raw, out, data, report)
-    normalise, stats = normaliser(cfg.normalize, train_stats)
+    # full precision: predict normalises new audio with these exact numbers
+    stats = {"mean": train_stats.mean.tolist(), "std": (train_stats.std() + 1e-5).tolist()} if train_stats else None
+    normalise = normaliser(cfg.normalize, stats)
     for split in SPLITS:
         _write_shard(out / split, data[split], dim, normalise)
     meta = {
@@ -183,15 +185,27 @@ def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
 SHARD_FILES = ("features.npy", "frame_offsets.npy", "labels.npy", "label_offsets.npy", "ids.json")
 
 
-def normaliser(mode: str, train_stats: RunningStats | None):
-    """The per-utterance feature transform, and the global statistics (train only) it uses."""
+def normaliser(mode: str, stats: dict | None):
+    """The per-utterance feature transform; `global` uses the train split's mean and std (+1e-5)."""
     if mode == "utterance":
-        return (lambda x: ((x - x.mean(0)) / (x.std(0) + 1e-5)).astype(np.float32)), None
+        return lambda x: ((x - x.mean(0)) / (x.std(0) + 1e-5)).astype(np.float32)
     if mode == "global":
-        mean, std = train_stats.mean, train_stats.std() + 1e-5
-        return (lambda x: ((x - mean) / std).astype(np.float32)), {"mean": mean.round(6).tolist(),
-                                                                    "std": std.round(6).tolist()}
-    return (lambda x: x), None
+        mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+        return lambda x: ((x - mean) / std).astype(np.float32)
+    return lambda x: x
+
+
+def shard_folder(mfcc_dir: Path, order: list[str] | None, out: Path, normalize: str, stats: dict | None) -> "Shard":
+    """Unlabelled MFCC files (in `order`, else by name) as a shard, normalised as a model's training
+    data was — exactly as preprocess does, so decoding them matches the submission byte for byte."""
+    report: list[dict] = []
+    utts, dim = scan_split("input", layouts.Split(Path(mfcc_dir), None), order, None, report)
+    if report:
+        raise CtclabError(f"{report[0]['file']}: {report[0]['problem']} ({len(report)} bad files in {mfcc_dir})")
+    if not utts:
+        raise CtclabError(f"{mfcc_dir}: no .npy MFCC files; expected [frames, features] arrays")
+    _write_shard(Path(out), utts, dim, normaliser(normalize, stats))
+    return Shard(out)
 
 
 class Shard:

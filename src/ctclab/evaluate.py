@@ -1,6 +1,7 @@
 """The evaluate stage's library side: decode dev with the best checkpoint (greedy and beam), score
 it, write metrics/eval.json, and log scores, decode speed and the worst utterances into the
-training's MLflow run — or, inside a study, into a child run of the study's parent run.
+training's MLflow run. Inside a study that run is the variant × seed's child run; when DVC's run
+cache handed over another variant's trained model, a child run of its own is made for this variant.
 
     python pipeline/evaluate.py      # or: dvc repro evaluate
 """
@@ -44,16 +45,19 @@ def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", 
     table = {f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv": worst_utterances(dev, hyps["beam"], refs)}
     speed = {"decode_greedy_utterances_per_second": len(dev) / max(seconds["greedy"], 1e-9),
              "decode_beam_utterances_per_second": len(dev) / max(seconds["beam"], 1e-9)}
-    if study is not None and study.name:
-        scores = {k: v for k, v in result.items() if k != "beam_width"}
-        tracking.log_study_child(info["tracking_uri"], info["run_id"], study.parent_run_id,
-                                 {"study": study.name, "variant": study.variant, "seed": str(seed)},
-                                 {"decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers},
-                                 {**scores, **speed}, table)
-    else:
-        with tracking.continue_run(info["tracking_uri"], Path(root), info["run_id"]) as run:
-            run.log_metrics({**{f"eval_{k}": v for k, v in result.items()}, **speed})
-            run.set_tags({"decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers})
-            for path, text in table.items():
-                run.log_text(text, path)
+    scores = {**{f"eval_{k}": v for k, v in result.items()}, **speed}
+    decode_tags = {"decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers}
+    labels = {"study": study.name, "variant": study.variant, "seed": str(seed)} if study is not None and study.name else {}
+    if labels and not tracking.is_study_child(info["tracking_uri"], info["run_id"], study.parent_run_id, labels):
+        # the trained model came from another variant's training (DVC's run cache): a child run of its own
+        tracking.log_study_child(info["tracking_uri"], info["run_id"], study.parent_run_id, labels, decode_tags,
+                                 scores, table)
+        return result
+    with tracking.continue_run(info["tracking_uri"], Path(root), info["run_id"]) as run:
+        run.log_metrics(scores)
+        run.set_tags(decode_tags)
+        if labels:  # a study child: decode params compare in the UI like training params (fixed per variant)
+            run.log_params(decode_tags)
+        for path, text in table.items():
+            run.log_text(text, path)
     return result

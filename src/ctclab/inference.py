@@ -87,7 +87,12 @@ def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, d
 def decode_split(checkpoint_path: Path, shard: Shard, beam_width: int, workers: int, with_greedy: bool):
     """Best checkpoint over a split with beam search (and greedy): (loss, hypotheses, seconds)."""
     device = select_device("auto")
-    model = load_model(checkpoint_path, device)
+    return decode_shard(load_model(checkpoint_path, device), shard, beam_width, workers, with_greedy, device)
+
+
+def decode_shard(model, shard: Shard, beam_width: int, workers: int, with_greedy: bool,
+                 device: torch.device | None = None):
+    device = device or select_device("auto")
     with BeamDecoder(beam_width, workers) as beam:
         decoders = {"greedy": greedy, "beam": beam.decode} if with_greedy else {"beam": beam.decode}
-        return evaluate_split(model, shard, 64, device, decoders)
+        return evaluate_split(model.to(device).eval(), shard, 64, device, decoders)

@@ -154,6 +154,31 @@ class CTCModel(nn.Module):
         return {"config": self.config.model_dump(), "input_dim": self.input_dim, "num_classes": self.num_classes}
 
 
+class Recognizer(nn.Module):
+    """What ctclab logs as an MLflow model: a trained CTCModel plus the feature normalisation its
+    training data had (features.normalize and, for `global`, the train mean and std), so a loaded
+    model takes raw MFCC. forward: equal-length utterances [B, T, D] → log-probs [B, T', classes];
+    for a batch of different lengths call `.model(normalised, lengths)` as ctclab predict does."""
+
+    def __init__(self, model: CTCModel, normalize: str, stats: dict | None):
+        super().__init__()
+        self.model, self.normalize = model.eval(), normalize
+        self.register_buffer("mean", torch.tensor(stats["mean"] if stats else [], dtype=torch.float64))
+        self.register_buffer("std", torch.tensor(stats["std"] if stats else [], dtype=torch.float64))
+
+    def stats(self) -> dict | None:
+        return {"mean": self.mean.numpy(), "std": self.std.numpy()} if self.normalize == "global" else None
+
+    def forward(self, mfcc: torch.Tensor) -> torch.Tensor:
+        x = mfcc.float()
+        if self.normalize == "utterance":
+            x = (x - x.mean(1, keepdim=True)) / (x.std(1, unbiased=False, keepdim=True) + 1e-5)
+        elif self.normalize == "global":
+            x = ((x.double() - self.mean) / self.std).float()
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        return self.model(x, lengths)[0]
+
+
 def _kaiming(m: nn.Module) -> None:
     if isinstance(m, (nn.Conv1d, nn.Linear)):
         nn.init.kaiming_normal_(m.weight, nonlinearity="relu")

@@ -1,5 +1,6 @@
 """A study's report from its MLflow child runs: per variant the mean ± std over seeds, a paired
-difference against the baseline with a t-based 95 % interval and a verdict, learning curves.
+difference against the baseline with a t-based 95 % interval, its p-value Holm-adjusted across the
+study's variants and the verdict that follows, per-seed values, learning curves (mean ± 1 std).
 
     ctclab study report experiments/kaiming.yaml [--smoke]   →  experiments/reports/<study>.md
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 import platform
 from pathlib import Path
 
@@ -14,7 +16,10 @@ import numpy as np
 from scipy import stats
 
 from . import storage, tracking
-from .studies import Study, Variant, finished, parent_run
+from .errors import CtclabError
+from .studies import Study, Variant, finished, parent_run, score
+
+ALPHA = 0.05
 
 
 def paired(diffs: list[float]) -> tuple[float, float, float] | None:
@@ -27,15 +32,59 @@ def paired(diffs: list[float]) -> tuple[float, float, float] | None:
     return float(np.mean(diffs)), float(lo), float(hi)
 
 
-def verdict(interval, n: int) -> str:
-    if interval is None:
+def p_value(diffs: list[float]) -> float | None:
+    """Two-sided paired t-test p-value that the mean difference is 0; None with fewer than 2 pairs."""
+    if len(diffs) < 2:
+        return None
+    if np.ptp(diffs) == 0:  # no spread: certain, either way
+        return 1.0 if diffs[0] == 0 else 0.0
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment, in the order given (scipy has Benjamini–Hochberg, not Holm):
+    the k-th smallest p times (m - k + 1), made monotone, capped at 1."""
+    m = len(pvalues)
+    order = np.argsort(pvalues, kind="stable")
+    stepped = np.maximum.accumulate((m - np.arange(m)) * np.asarray(pvalues, dtype=float)[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted.tolist()
+
+
+def verdict(mean_diff: float | None, p_adjusted: float | None, n: int) -> str:
+    if p_adjusted is None:
         return f"no interval with n={n} seed{'s' if n != 1 else ''}"
-    _, lo, hi = interval
-    if hi < 0:
-        return "better"
-    if lo > 0:
-        return "worse"
+    if p_adjusted < ALPHA:
+        return "better" if mean_diff < 0 else "worse"
     return f"no detectable difference with {n} seeds"
+
+
+@dataclass
+class Comparison:
+    """One variant against the baseline, seed by seed."""
+    seeds: list[int]
+    diffs: list[float]
+    interval: tuple[float, float, float] | None
+    p: float | None
+    p_holm: float | None = None
+
+
+def compare(study: Study, by_variant: dict) -> dict[str, Comparison]:
+    """Paired comparison of every non-baseline variant with the baseline, Holm-adjusted together."""
+    base = by_variant[study.baseline.name]
+    out = {}
+    for v in study.variants:
+        if v.baseline or not by_variant[v.name]:
+            continue
+        rs = by_variant[v.name]
+        common = sorted(set(rs) & set(base))
+        diffs = [score(rs[s], study.metric) - score(base[s], study.metric) for s in common]
+        out[v.name] = Comparison(common, diffs, paired(diffs), p_value(diffs))
+    tested = [c for c in out.values() if c.p is not None]
+    for c, adjusted in zip(tested, holm([c.p for c in tested])):
+        c.p_holm = adjusted
+    return out
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -56,7 +105,7 @@ def latest_by_variant(study: Study, runs: list[tracking.RunRecord]) -> dict[str,
 def _header(study: Study, smoke: bool, parent: tracking.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
     lines = [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
              f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{parent.run_id}` "
-             f"in experiment `{parent.experiment_id}`.", ""]
+             f"in experiment `{parent.experiment_id}`: {tracking.ui_address(parent.experiment_id)}.", ""]
     if any_run is not None:
         t = any_run.tags
         # runs from before the cpu_count tag existed: the count is known only if this is their host
@@ -67,8 +116,9 @@ def _header(study: Study, smoke: bool, parent: tracking.ParentRun, any_run: trac
                   f"`{t.get('data_hash', '?')[:12]}`). Hardware: {t.get('device', '?')}"
                   f"{f' ({hardware})' if hardware else ''} on `{t.get('host', '?')}`, torch {t.get('torch_version', '?')}.",
                   ""]
-    return lines + ["| variant | params vs baseline | n | mean ± std | Δ vs baseline (95 % CI) | verdict | parameters | "
-                    "train s | jobs × threads | decode utt/s | runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines + ["| variant | params vs baseline | n | mean ± std | Δ vs baseline (95 % CI) | p (Holm) | verdict | "
+                    "parameters | train s | jobs × threads | decode utt/s | runs |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def _contention(rs: dict[int, tracking.RunRecord]) -> str:
@@ -84,7 +134,7 @@ def per_seed(study: Study, by_variant: dict[str, dict[int, tracking.RunRecord]])
              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for v in study.variants:
         rs = by_variant[v.name]
-        cells = [f"{rs[s].metrics[study.metric]:.3f} (`{rs[s].run_id[:8]}`)" if s in rs else "–" for s in seeds]
+        cells = [f"{score(rs[s], study.metric):.3f} (`{rs[s].run_id[:8]}`)" if s in rs else "–" for s in seeds]
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -97,24 +147,24 @@ def timing_note(by_variant: dict[str, dict[int, tracking.RunRecord]]) -> str:
             "contention (jobs × threads column); compare them only between rows with equal values.")
 
 
-def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], base: dict[int, tracking.RunRecord]) -> str:
+def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison: Comparison | None) -> str:
     if not rs:
-        return f"| {v.name} | {_diff(v, study)} | 0 | – | – | no finished runs | – | – | – | – | – |"
-    m, sd = mean_std([rs[s].metrics[study.metric] for s in sorted(rs)])
+        return f"| {v.name} | {_diff(v, study)} | 0 | – | – | – | no finished runs | – | – | – | – | – |"
+    m, sd = mean_std([score(rs[s], study.metric) for s in sorted(rs)])
     if v.baseline:
-        delta, word = "–", "baseline"
+        delta, p, word = "–", "–", "baseline"
+    elif comparison is None or not comparison.diffs:
+        delta, p, word = "–", "–", "no seed shared with the baseline"
     else:
-        common = sorted(set(rs) & set(base))
-        diffs = [rs[s].metrics[study.metric] - base[s].metrics[study.metric] for s in common]
-        interval = paired(diffs)
-        delta = (f"{interval[0]:+.3f} [{interval[1]:+.3f}, {interval[2]:+.3f}]" if interval else
-                 (f"{diffs[0]:+.3f}" if diffs else "–"))
-        word = verdict(interval, len(common))
+        c = comparison
+        delta = f"{c.interval[0]:+.3f} [{c.interval[1]:+.3f}, {c.interval[2]:+.3f}]" if c.interval else f"{c.diffs[0]:+.3f}"
+        p = f"{c.p:.3f} ({c.p_holm:.3f})" if c.p is not None else "–"
+        word = verdict(float(np.mean(c.diffs)), c.p_holm, len(c.diffs))
     first = rs[sorted(rs)[0]]
     train_s = mean_std([r.metrics.get("train_seconds", math.nan) for r in rs.values()])[0]
     decode = mean_std([r.metrics.get("decode_beam_utterances_per_second", math.nan) for r in rs.values()])[0]
     ids = ", ".join(f"`{rs[s].run_id[:8]}`" for s in sorted(rs))
-    return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {word} | "
+    return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {p} | {word} | "
             f"{first.params.get('parameter_count', first.tags.get('parameter_count', '?'))} | "
             f"{train_s:.0f} | {_contention(rs)} | {decode:.0f} | {ids} |")
 
@@ -129,12 +179,15 @@ def _plot_curves(study: Study, by_variant: dict, png: Path) -> None:
     for name, rs in by_variant.items():
         if not rs:
             continue
-        per_seed = [_curve(r) for r in rs.values()]
-        steps = sorted({s for c in per_seed for s, _ in c})
-        mean = [float(np.mean([v for c in per_seed for s, v in c if s == st])) for st in steps]
-        ax.plot(steps, mean, marker="o", label=name)
+        curves = [dict(_curve(r)) for r in rs.values()]
+        steps = sorted({s for c in curves for s in c})
+        values = [[c[st] for c in curves if st in c] for st in steps]
+        mean = np.array([np.mean(v) for v in values])
+        sd = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
+        line, = ax.plot(steps, mean, marker="o", label=f"{name} (n={len(rs)})")
+        ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("dev greedy Levenshtein (mean over seeds)")
+    ax.set_ylabel("dev greedy Levenshtein (mean ± 1 std over seeds)")
     ax.set_title(f"{study.name}: learning curves")
     ax.legend()
     fig.tight_layout()
@@ -147,16 +200,18 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
     parent = parent_run(study, smoke, root, create=False)
     by_variant = latest_by_variant(study, tracking.children(parent))
     out_dir, stem = root / out_dir, study.name + ("-smoke" if smoke else "")
-    base = by_variant[study.baseline.name]
+    comparisons = compare(study, by_variant)
     any_run = next((c for rs in by_variant.values() for c in rs.values()), None)
     lines = _header(study, smoke, parent, any_run)
-    lines += [_row(study, v, by_variant[v.name], base) for v in study.variants]
+    lines += [_row(study, v, by_variant[v.name], comparisons.get(v.name)) for v in study.variants]
     lines += per_seed(study, by_variant)
     png = out_dir / f"{stem}_curves.png"
     _plot_curves(study, by_variant, png)
-    lines += ["", "Verdicts compare each variant with the baseline seed by seed (paired differences, t-based 95 % "
-              "interval; negative = lower distance than baseline). " + timing_note(by_variant), "",
-              f"![learning curves]({png.name})", ""]
+    lines += ["", f"Verdicts compare each variant with the baseline seed by seed: paired differences, a t-based 95 % "
+              f"interval (negative = lower distance than baseline) and a paired t-test whose p-values are "
+              f"Holm-adjusted across the study's {len(comparisons)} comparison{'s' if len(comparisons) != 1 else ''} (in brackets); a variant is better "
+              f"or worse only when its adjusted p < {ALPHA}. " + timing_note(by_variant), "",
+              f"![learning curves (mean ± 1 std over seeds)]({png.name})", ""]
     md = out_dir / f"{stem}.md"
     storage.write_text(md, "\n".join(lines))
     tracking.log_parent_artifacts(parent, [md, png], "report")
@@ -174,3 +229,35 @@ def _diff(v: Variant, study: Study) -> str:
     diff = {k: val for k, val in v.params.items() if b.get(k) != val}
     diff.update({k: "default" for k in b if k not in v.params})
     return ", ".join(f"`{k}={val}`" for k, val in diff.items()) or "–"
+
+
+def promote(study: Study, root: Path, smoke: bool = False) -> str:
+    """Register the study's best variant (lowest mean; its best seed's model) as `ctclab-<arch>`,
+    alias `champion`, with the study's verdict for it in the version's description."""
+    parent = parent_run(study, smoke, root, create=False)
+    by_variant = latest_by_variant(study, tracking.children(parent))
+    means = {v: mean_std([score(r, study.metric) for r in rs.values()])[0] for v, rs in by_variant.items() if rs}
+    if not means:
+        raise CtclabError(f"{study.path}: no finished runs to promote; run `ctclab study run {study.path}` first")
+    best = min(means, key=means.get)
+    seed, child = min(by_variant[best].items(), key=lambda kv: score(kv[1], study.metric))
+    training_run = child.tags.get("training_run_id") or child.run_id
+    model_id = tracking.logged_model_id(training_run)
+    if model_id is None:
+        raise CtclabError(f"study {study.name}: the best run ({best}, seed {seed}, MLflow run {training_run}) has no "
+                          "logged model (recorded before ctclab logged models); re-run the study")
+    comparison = compare(study, by_variant).get(best)
+    if best == study.baseline.name:
+        word = "the baseline, and no variant beat it"
+    elif comparison is None or not comparison.diffs:
+        word = "not compared (no seed shared with the baseline)"
+    else:
+        word = verdict(float(np.mean(comparison.diffs)), comparison.p_holm, len(comparison.diffs))
+    arch = child.params.get("model.arch", "model")
+    description = (f"Study {study.name}{' (smoke)' if smoke else ''}: best variant {best} (mean {study.metric} "
+                   f"{means[best]:.3f} over {len(by_variant[best])} seeds; this is seed {seed}, "
+                   f"{score(child, study.metric):.3f}); verdict vs baseline: {word}. Question: {study.question}")
+    version = tracking.register(model_id, f"ctclab-{arch}", "champion", description,
+                                {"study": study.name, "variant": best, "seed": seed, "training_run_id": training_run,
+                                 study.metric: score(child, study.metric)})
+    return f"ctclab-{arch} version {version} (alias champion): {description}"

@@ -97,6 +97,10 @@ class Study(_Strict):
     def parent_name(self, smoke: bool) -> str:
         return self.name + (" (smoke)" if smoke else "")
 
+    def experiment(self, base: str, smoke: bool) -> str:
+        """The study's own MLflow experiment, e.g. `ctclab/kaiming` (smoke runs apart: `ctclab/kaiming-smoke`)."""
+        return f"{base}/{self.name}" + ("-smoke" if smoke else "")
+
 
 def load(path: str | Path, params_path: str | Path = "params.yaml") -> Study:
     """Read and check a study file; every override must be a real, well-typed param."""
@@ -143,21 +147,31 @@ def _yaml_value(v) -> str:
 
 
 def parent_run(study: Study, smoke: bool, root: Path, create: bool = True) -> tracking.ParentRun:
-    """The study's MLflow parent run (found by tags, created if asked)."""
+    """The study's MLflow parent run in the study's experiment (found by tags, created if asked).
+    A report also finds parents recorded before studies had experiments of their own."""
     t = config.load_params(root / "params.yaml").tracking
-    found = tracking.find_parent(t.uri, t.experiment, root, study.name, smoke)
+    experiment = study.experiment(t.experiment, smoke)
+    found = tracking.find_parent(t.uri, experiment, root, study.name, smoke)
+    if found is None and not create:
+        found = tracking.find_parent(t.uri, t.experiment, root, study.name, smoke)
     if found is not None:
         return found
     if not create:
         raise CtclabError(f"{study.path}: no MLflow runs for study {study.name!r}"
                           f"{' (smoke)' if smoke else ''}; run `ctclab study run {study.path}` first")
     text = Path(study.path).read_text() if study.path else ""
-    return tracking.create_parent(t.uri, t.experiment, root, study.name, smoke, study.parent_name(smoke),
+    return tracking.create_parent(t.uri, experiment, root, study.name, smoke, study.parent_name(smoke),
                                   study.question, text)
 
 
+def score(child: tracking.RunRecord, metric: str) -> float | None:
+    """A child run's final value of `metric` (`eval_<metric>`; bare `<metric>` in runs recorded
+    before study children logged like every other run)."""
+    return child.metrics.get(f"eval_{metric}", child.metrics.get(metric))
+
+
 def finished(child: tracking.RunRecord, metric: str) -> bool:
-    return child.status == "FINISHED" and metric in child.metrics
+    return child.status == "FINISHED" and score(child, metric) is not None
 
 
 def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent: tracking.ParentRun):
@@ -184,7 +198,8 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     seeds = tuple(seeds or (study.smoke_seeds if smoke else study.seeds))
     parent = parent_run(study, smoke, root)
     queued, skipped = _queue(study, root, seeds, smoke, parent)
-    print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete", flush=True)
+    print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI: "
+          f"{tracking.ui_address(parent.experiment_id)}", flush=True)
     t0 = time.monotonic()
     if queued:
         # Workers exit by themselves once the queue is empty. No `dvc queue stop` here: a stop
@@ -210,7 +225,7 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     states = queue_states(root, queued)[0] if queued else {}
     failed = sorted(n for n, s in states.items() if s != "Success")
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
-            "parent_run_id": parent.run_id}
+            "parent_run_id": parent.run_id, "ui": tracking.ui_address(parent.experiment_id)}
 
 
 def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], bool]:

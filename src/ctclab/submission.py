@@ -1,7 +1,8 @@
 """The submit stage's library side: decode test in the competition's order, write the Kaggle-format
 submission (Spring 2022 `id,predictions`, Fall 2022 `index,label`, each with its own phoneme
 map), score it when the data has test transcripts, log it into the training's MLflow run and,
-if asked, upload it with the `kaggle` package.
+if asked, upload it with the `kaggle` package. `predict` does the same for any folder of MFCC files
+with a logged MLflow model (`ctclab predict`).
 
     python pipeline/submit.py      # or: dvc repro submit
 """
@@ -11,27 +12,49 @@ import csv
 import io
 import json
 import sys
+import tempfile
 from pathlib import Path
 
-from . import kaggle, storage, tracking
+from . import kaggle, layouts, storage, tracking
 from .config import DecodeConfig
-from .data import Shard
+from .data import Shard, shard_folder
 from .errors import CtclabError
-from .inference import decode_split
+from .inference import decode_shard, decode_split
 from .labels import CHAR_MAPS
 from .metrics import score
 
 SUBMISSION_HEADERS = {"spring2022": ("id", "predictions"), "fall2022": ("index", "label")}
 
 
-def write_submission(path: Path, hyps: list[list[int]], fmt: str) -> None:
+def submission_csv(hyps: list[list[int]], fmt: str) -> str:
     chars = CHAR_MAPS[fmt]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SUBMISSION_HEADERS[fmt])
     for i, h in enumerate(hyps):
         w.writerow([i, "".join(chars[k] for k in h)])
-    storage.write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_submission(path: Path, hyps: list[list[int]], fmt: str) -> None:
+    storage.write_text(path, submission_csv(hyps, fmt))
+
+
+def predict(recognizer, folder: str | Path, beam_width: int, workers: int, fmt: str | None = None) -> str:
+    """Decode a folder of MFCC .npy files with a logged model (ctclab.models.Recognizer) into a
+    submission CSV. `folder` is a dataset (Spring/Fall 2022 or ctclab layout: its test split, in the
+    competition's order and format) or a folder of .npy files (by name; Spring 2022's format unless
+    `fmt` says otherwise). Features are normalised as the model's training data was."""
+    folder = Path(folder)
+    if any(folder.glob("*.npy")):
+        mfcc_dir, order, layout_fmt = folder, None, "spring2022"
+    else:
+        layout = layouts.detect(folder)
+        mfcc_dir, order, layout_fmt = layout.splits["test"].mfcc_dir, layout.test_order, layout.submission_format
+    with tempfile.TemporaryDirectory(prefix="ctclab-predict-") as tmp:
+        shard = shard_folder(mfcc_dir, order, Path(tmp), recognizer.normalize, recognizer.stats())
+        _, hyps, _ = decode_shard(recognizer.model, shard, beam_width, workers, with_greedy=False)
+    return submission_csv(hyps["beam"], fmt or layout_fmt)
 
 
 def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/processed", models_dir="models",

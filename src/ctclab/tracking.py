@@ -5,10 +5,17 @@ The default store is the sqlite file mlflow.db at the repository root, as an abs
 `dvc exp run --queue/--temp` executions (which run in a copy under .dvc/tmp/exps) log into the
 same store; artifacts go to <repo>/mlartifacts. `tracking.uri` or MLFLOW_TRACKING_URI override
 it (a remote `mlflow server` too).
+
+What a run carries: params, per-epoch metrics, provenance tags (the git commit MLflow's UI shows,
+hardware, threads), `pip freeze` (and `git diff` when the tree was dirty), system metrics (CPU,
+memory; GPU through pynvml), the data as a dataset input, and the best checkpoint as an MLflow
+model (loadable by URI, registrable). Studies log into their own experiment, `<experiment>/<study>`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 from .errors import CtclabError
 from .project import real_root
@@ -25,6 +33,19 @@ from .project import real_root
 # Read once: mlflow.set_tracking_uri() itself exports MLFLOW_TRACKING_URI, so a later read would
 # see our own last choice instead of the user's.
 _USER_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
+# Without it MLflow 3's UI guesses the experiment's kind and may open the GenAI (traces) view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def tracking_uri(configured: str, root: str | Path) -> str:
@@ -42,12 +63,23 @@ def experiment_id(configured_uri: str, experiment: str, root: str | Path) -> str
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
+        if not EXPERIMENT_KIND.items() <= exp.tags.items():  # made before ctclab tagged its kind
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = (real_root(root) / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
     try:
-        return client.create_experiment(experiment, artifact_location=location)
+        return client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by a parallel queue worker
         return client.get_experiment_by_name(experiment).experiment_id
+
+
+def ui_address(experiment_id_: str) -> str:
+    """Where the experiment opens in the MLflow UI: the server itself, or `ctclab ui` for a local store."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id_}"
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id_} (after `ctclab ui`)"
 
 
 def _git(root: Path, *args: str) -> str:
@@ -62,7 +94,9 @@ def provenance_tags(root: Path, data_hash: str, device: str, device_name: str) -
 
     dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     tags = {
-        "git_commit": _git(root, "rev-parse", "HEAD") or "unknown",
+        # MLflow's own keys: the UI shows the commit in its Version column
+        "mlflow.source.git.commit": _git(root, "rev-parse", "HEAD") or "unknown",
+        "mlflow.source.git.branch": _git(root, "rev-parse", "--abbrev-ref", "HEAD") or "unknown",
         "git_dirty": str(bool(dirty)).lower(),
         "data_hash": data_hash,
         "torch_version": torch.__version__,
@@ -85,6 +119,15 @@ def pip_freeze() -> str:
     return subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout
 
 
+@dataclass(frozen=True)
+class DataInput:
+    """The data a training read, as MLflow shows it in the Dataset column."""
+    name: str        # e.g. ctclab-synthetic, 11-785-s22-hw3p2
+    digest: str      # the data hash (first 12 hex digits; the full hash is in the profile)
+    source: str      # where the shards were read
+    profile: dict    # split sizes, frames, layout, feature dim, full data hash
+
+
 class RunLog:
     """The active MLflow run, as the few calls the pipeline makes."""
 
@@ -99,6 +142,9 @@ class RunLog:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step)
 
+    def log_params(self, params: dict) -> None:
+        mlflow.log_params(params)
+
     def set_tags(self, tags: dict) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
@@ -107,6 +153,31 @@ class RunLog:
 
     def log_artifact(self, path: str | Path, folder: str) -> None:
         mlflow.log_artifact(str(path), folder)
+
+    def log_data(self, data: DataInput, context: str = "training") -> None:
+        ds = mlflow.entities.Dataset(data.name, data.digest, "local", json.dumps({"uri": data.source}),
+                                     profile=json.dumps(data.profile))
+        tag = mlflow.entities.InputTag("mlflow.data.context", context)
+        mlflow.MlflowClient().log_inputs(self.run_id, datasets=[mlflow.entities.DatasetInput(ds, [tag])])
+
+    def log_model(self, model, metadata: dict, input_dim: int, classes: int) -> str:
+        """The network as an MLflow model (pytorch flavour, with ctclab's code beside it so it loads
+        anywhere with torch installed); returns its model id. Input: raw MFCC frames of equal-length
+        utterances [batch, time, input_dim]; output: log-probabilities [batch, time', classes]."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+        import torch
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, input_dim), "mfcc")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes), "log_probs")]))
+        # pickle: the other format (pt2) traces one fixed graph; MLflow warns about pickle on every save
+        with _quiet("mlflow.pytorch"):
+            info = mlflow.pytorch.log_model(model, name="model", signature=signature, metadata=metadata,
+                                            serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                              f"numpy=={np.__version__}"])
+        return info.model_id
 
     def __enter__(self) -> "RunLog":
         self._run.__enter__()
@@ -117,16 +188,24 @@ class RunLog:
 
 
 def training_run(configured_uri: str, experiment: str, root: Path, resume_run_id: str | None,
-                 params: dict, tags: dict) -> RunLog:
-    """A new training run with its params, provenance tags and `pip freeze`, or — when resuming an
-    interrupted training — the same run again, as it was."""
+                 params: dict, tags: dict, run_name: str, parent_run_id: str = "") -> RunLog:
+    """A new training run with its params, provenance tags, `pip freeze` (and `git diff` of a dirty
+    tree) — nested under a study's parent run, in the parent's experiment, when one is given — or,
+    when resuming an interrupted training, the same run again, as it was. System metrics are on."""
     exp_id = experiment_id(configured_uri, experiment, root)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
     if resume_run_id:
-        return RunLog(mlflow.start_run(run_id=resume_run_id))
-    run = RunLog(mlflow.start_run(experiment_id=exp_id, run_name=os.environ.get("DVC_EXP_NAME") or None))
+        return RunLog(mlflow.start_run(run_id=resume_run_id, log_system_metrics=True))
+    if parent_run_id:
+        exp_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+        # a tag, not start_run(parent_run_id=…), which wants the parent still active
+        tags = {**tags, "mlflow.parentRunId": parent_run_id}
+    run = RunLog(mlflow.start_run(experiment_id=exp_id, run_name=run_name, log_system_metrics=True))
     mlflow.log_params(params)
     run.set_tags(tags)
     run.log_text(pip_freeze(), "environment/pip-freeze.txt")
+    if tags.get("git_dirty") == "true":
+        run.log_text(_git(root, "diff", "HEAD") + "\n", "environment/git.diff")
     return run
 
 
@@ -160,11 +239,14 @@ class ParentRun:
 
 
 def find_parent(configured_uri: str, experiment: str, root: Path, study: str, smoke: bool) -> ParentRun | None:
-    exp_id = experiment_id(configured_uri, experiment, root)
+    mlflow.set_tracking_uri(tracking_uri(configured_uri, root))
+    exp = mlflow.MlflowClient().get_experiment_by_name(experiment)
+    if exp is None:
+        return None
     found = mlflow.MlflowClient().search_runs(
-        [exp_id], f"tags.ctclab_study_parent = '{study}' and tags.smoke = '{str(smoke).lower()}'",
+        [exp.experiment_id], f"tags.ctclab_study_parent = '{study}' and tags.smoke = '{str(smoke).lower()}'",
         order_by=["attributes.start_time DESC"], max_results=1)
-    return ParentRun(found[0].info.run_id, exp_id) if found else None
+    return ParentRun(found[0].info.run_id, exp.experiment_id) if found else None
 
 
 def create_parent(configured_uri: str, experiment: str, root: Path, study: str, smoke: bool, run_name: str,
@@ -195,18 +277,37 @@ def log_parent_artifacts(parent: ParentRun, paths: list[Path], folder: str) -> N
         client.log_artifact(parent.run_id, str(p), folder)
 
 
-# Learning curves copied into each child under epoch/…, apart from the final scores of the same name.
+# Learning curves copied into a child run that shares another variant's training run.
 CURVES = ("train_loss", "dev_loss", "dev_lev_greedy", "dev_per", "lr", "epoch_seconds")
+
+
+def logged_model_id(run_id: str) -> str | None:
+    """The MLflow model a training run logged (its best checkpoint), if any."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return outputs[-1].model_id if outputs else None
+
+
+def train_seconds(run_id: str) -> float:
+    return sum(v for _, v in metric_history(run_id, "epoch_seconds"))
+
+
+def is_study_child(uri: str, run_id: str, parent_run_id: str, labels: dict) -> bool:
+    """Whether a training run is the study child for these labels (study, variant, seed)."""
+    tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
+    return tags.get("mlflow.parentRunId") == parent_run_id and all(tags.get(k) == v for k, v in labels.items())
 
 
 def log_study_child(uri: str, training_run_id: str, parent_run_id: str, labels: dict, extra_params: dict,
                     metrics: dict, texts: dict[str, str]) -> str:
-    """One child run per study variant × seed under the study's parent: the training run's params,
-    learning curves and provenance tags, plus this evaluation. Several variants may share one
-    cached training run (e.g. a beam-width study trains once per seed)."""
+    """A child run under the study's parent for a variant × seed whose training run belongs to
+    another variant (a beam-width study trains once per seed, and DVC's run cache hands the
+    trained model to every variant): the training's params, learning curves, provenance tags,
+    dataset and model, plus this evaluation."""
     client = mlflow.MlflowClient(uri)
     parent, training = client.get_run(parent_run_id), client.get_run(training_run_id)
-    tags = {k: v for k, v in training.data.tags.items() if not k.startswith("mlflow.")}
+    tags = {k: v for k, v in training.data.tags.items()
+            if not k.startswith("mlflow.") or k.startswith("mlflow.source.git")}
     tags.update({"mlflow.parentRunId": parent_run_id, "training_run_id": training_run_id,
                  "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **labels})
     child = client.create_run(parent.info.experiment_id, run_name=f"{labels['variant']}-s{labels['seed']}", tags=tags)
@@ -215,18 +316,42 @@ def log_study_child(uri: str, training_run_id: str, parent_run_id: str, labels: 
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
     history = []
     for key in CURVES:
-        history += [mlflow.entities.Metric(f"epoch/{key}", m.value, m.timestamp, m.step)
+        history += [mlflow.entities.Metric(key, m.value, m.timestamp, m.step)
                     for m in client.get_metric_history(training_run_id, key)]
     now = int(time.time() * 1000)
-    final = {**metrics, "train_seconds": sum(m.value for m in history if m.key == "epoch/epoch_seconds"),
-             "parameter_count": float(training.data.tags.get("parameter_count", "nan"))}
+    final = {**metrics, "train_seconds": train_seconds(training_run_id)}
     history += [mlflow.entities.Metric(k, float(v), now, 0) for k, v in final.items()]
     for start in range(0, len(history), 900):  # the REST API takes at most 1000 metrics a call
         client.log_batch(run_id, metrics=history[start:start + 900])
+    model_id = logged_model_id(training_run_id)
+    client.log_inputs(run_id, datasets=list(training.inputs.dataset_inputs) if training.inputs else None,
+                      models=[mlflow.entities.LoggedModelInput(model_id)] if model_id else None)
     for path, text in texts.items():
         client.log_text(run_id, text, path)
     client.set_terminated(run_id)
     return run_id
+
+
+def register(model_id: str, name: str, alias: str, description: str, tags: dict) -> str:
+    """Register a logged model as a new version of `name`, point `alias` at it; return the version."""
+    client = mlflow.MlflowClient()
+    with _quiet("mlflow.store.model_registry.abstract_store"), _quiet("mlflow.tracking._model_registry.fluent"):
+        version = mlflow.register_model(f"models:/{model_id}", name, tags={k: str(v) for k, v in tags.items()}).version
+    client.update_model_version(name, version, description=description)
+    client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def load_model(configured_uri: str, root: Path, model_uri: str):
+    """A logged or registered model (`models:/ctclab-conv_lstm@champion`, `runs:/<id>/model`, …) and
+    the metadata training stored with it."""
+    mlflow.set_tracking_uri(tracking_uri(configured_uri, root))
+    try:
+        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except mlflow.exceptions.MlflowException as err:
+        raise CtclabError(f"--model {model_uri}: {str(err).splitlines()[0]} (store {mlflow.get_tracking_uri()})") from None
+    return model, metadata
 
 
 def training_run_info(models_dir: Path) -> dict:

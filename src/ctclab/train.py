@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -26,7 +27,7 @@ from .batching import bucket_batches, feasible, loader
 from .config import Params, TrainConfig, flatten
 from .data import Shard
 from .errors import CtclabError
-from .inference import amp_dtype, device_name, evaluate_split, select_device
+from .inference import amp_dtype, device_name, evaluate_split, load_model, select_device
 from .metrics import score
 
 TRACKED_SECTIONS = ("data", "features", "model", "train", "tracking")
@@ -140,14 +141,37 @@ def summarize(history: list[dict], parameters: int, infeasible: dict) -> dict:
             "parameters": parameters, "infeasible_train": infeasible["train"], "infeasible_dev": infeasible["dev"]}
 
 
-def write_outputs(history: list[dict], summary: dict, run: tracking.RunLog, out_dir: Path, metrics_dir: Path) -> None:
+def write_outputs(history: list[dict], summary: dict, run: tracking.RunLog, out_dir: Path, metrics_dir: Path,
+                  meta: dict) -> None:
     storage.write_json(metrics_dir / "train.json", summary)
     storage.write_text(metrics_dir / "train_history.csv",
                        ",".join(history[0]) + "\n" + "".join(",".join(str(r[k]) for k in r) + "\n" for r in history))
     storage.write_json(out_dir / "mlflow_run.json", {"run_id": run.run_id, "tracking_uri": run.uri})
-    run.log_metrics({"best_dev_lev_greedy": summary["dev_lev_greedy"], "best_epoch": summary["best_epoch"]})
+    run.log_metrics({"best_dev_lev_greedy": summary["dev_lev_greedy"], "best_epoch": summary["best_epoch"],
+                     "train_seconds": tracking.train_seconds(run.run_id)})
     run.log_artifact(out_dir / "best.pt", "checkpoints")
     run.log_artifact(out_dir / "last.pt", "checkpoints")
+    best = load_model(out_dir / "best.pt")
+    recognizer = models.Recognizer(best, meta["normalize"], meta["global_stats"])
+    run.log_model(recognizer, {"features": {"normalize": meta["normalize"]}, "best_epoch": summary["best_epoch"],
+                               "data_hash": meta["data_hash"], "submission_format": meta["submission_format"]},
+                  best.input_dim, best.num_classes)
+
+
+def run_identity(params: Params) -> tuple[str, str]:
+    """(run name, study parent run id): a study's training is `<variant>-s<seed>` under the study's
+    parent; any other run takes its DVC experiment's name, else `<arch>-h<hidden>-s<seed>`."""
+    study, seed = params.study, params.train.seed
+    if study.name and study.parent_run_id:
+        return f"{study.variant}-s{seed}", study.parent_run_id
+    return os.environ.get("DVC_EXP_NAME") or f"{params.model.arch}-h{params.model.hidden}-s{seed}", ""
+
+
+def data_input(params: Params, meta: dict, data_dir: Path) -> tracking.DataInput:
+    d = params.data
+    name = {"synthetic": "ctclab-synthetic", "kaggle": d.competition}.get(d.source) or Path(d.path).name
+    profile = {k: meta[k] for k in ("layout", "feature_dim", "utterances", "frames", "normalize", "data_hash")}
+    return tracking.DataInput(name, meta["data_hash"][:12], str(data_dir.resolve()), profile)
 
 
 def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str | Path = "models",
@@ -179,7 +203,13 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
     tags = {**tracking.provenance_tags(root, meta["data_hash"], str(device), device_name(device)),
             "parameter_count": models.parameter_count(model), "amp_dtype": str(amp_dtype(device, cfg.amp)), **{f"infeasible_{k}": v for k, v in infeasible.items()}}
-    with tracking.training_run(params.tracking.uri, params.tracking.experiment, root, state.run_id, logged, tags) as run:
+    if params.study.name:
+        tags.update({"study": params.study.name, "variant": params.study.variant, "seed": cfg.seed})
+    name, parent = run_identity(params)
+    with tracking.training_run(params.tracking.uri, params.tracking.experiment, root, state.run_id, logged, tags,
+                               name, parent) as run:
+        if state.run_id is None:
+            run.log_data(data_input(params, meta, data_dir))
         state.run_id = run.run_id
         refs = dev_set.references()
         for epoch in range(state.epoch, cfg.epochs):
@@ -207,6 +237,6 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
             checkpoint.write_epoch(ckpt, out_dir, resume_path, improved, run.run_id)
 
         summary = summarize(state.history, models.parameter_count(model), infeasible)
-        write_outputs(state.history, summary, run, out_dir, metrics_dir)
+        write_outputs(state.history, summary, run, out_dir, metrics_dir, meta)
     checkpoint.clear(resume_path)
     return {**summary, "mlflow_run_id": state.run_id}
