@@ -141,3 +141,13 @@ def test_resume_never_ignores_an_interrupted_run_and_auto_takes_it_up(tmp_path, 
     assert fresh != first and resumed == fresh
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     assert len(mlflow.search_runs(experiment_names=["ctclab"], output_format="list")) == 2
+
+
+def test_progress_in_a_log_is_not_a_line_per_batch(tmp_path, processed):
+    """Piped (not a terminal), the bar refreshes at most every 30 s: a couple of lines per epoch."""
+    from project import stage
+
+    project = project_with_data(tmp_path, processed, {"train": {"epochs": 2, "batch_size": 1}})
+    err = stage(project, "train").stderr
+    bars = [piece for piece in err.replace("\r", "\n").splitlines() if "batch" in piece and "epoch " in piece]
+    assert 1 <= len(bars) <= 2 * 3, err  # 16 batches per epoch
