@@ -15,7 +15,7 @@ PARAMS = ["decode.beam_width", "study", "train.seed"]
 @one_line_errors
 def main() -> None:
     p = load_params()
-    r = evaluate(p.decode, study=p.study, seed=p.train.seed)
+    r = evaluate(p.decode, study=p.study, seed=p.train.seed, tracking_uri=p.tracking.uri)
     print(f"evaluate: dev Levenshtein greedy {r['dev_lev_greedy']:.3f}, beam({r['beam_width']}) "
           f"{r['dev_lev_beam']:.3f}, PER {r['dev_per']:.1%}")
 

@@ -15,7 +15,7 @@ PARAMS = ["decode.beam_width", "submit.upload", "data.competition"]
 @one_line_errors
 def main() -> None:
     p = load_params()
-    r = submit(p.decode, p.submit.upload, p.data.competition)
+    r = submit(p.decode, p.submit.upload, p.data.competition, tracking_uri=p.tracking.uri)
     extra = f"; test Levenshtein {r['test_lev_beam']:.3f}, PER {r['test_per']:.1%}" if "test_lev_beam" in r else ""
     print(f"submit: {r['rows']} rows ({r['format']} format) in submission/submission.csv{extra}")
 

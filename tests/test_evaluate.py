@@ -26,9 +26,7 @@ def setup_project(tmp_path, raw_root, dim):
     buf.mkdir()
     torch.save({"model_spec": model.spec(), "model": model.state_dict()}, buf / "best.pt")
     with tracking.training_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", tmp_path, None, {}, {}, "r") as run:
-        pass
-    storage.write_json(buf / "mlflow_run.json", {"run_id": run.run_id,
-                                                 "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        run.set_tags({"checkpoint_sha256": storage.sha256_file(buf / "best.pt")})
     return run.run_id
 
 

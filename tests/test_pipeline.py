@@ -7,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from ctclab import tracking
 from project import make_project, run
 
 
@@ -30,8 +31,8 @@ def test_make_run_goes_fetch_to_submit_and_prints_the_summary(repro):
     rows = list(csv.reader(open(project / "submission/submission.csv")))
     assert rows[0] == ["id", "predictions"] and [r[0] for r in rows[1:]] == ["0", "1", "2", "3"]
     # evaluate and submit logged into the training's run
-    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
+    assert f"MLflow run {run_id}" in summary
     r = mlflow.get_run(run_id)
     assert "eval_dev_lev_beam" in r.data.metrics and "decode_beam_utterances_per_second" in r.data.metrics
     assert r.data.tags["decode.beam_width"] == "4"
@@ -43,6 +44,18 @@ def test_second_repro_is_a_no_op(repro):
     project, _ = repro
     out = run(project, sys.executable, "-m", "dvc", "repro").stdout
     assert "Running stage" not in out and "Data and pipelines are up to date" in out
+
+
+def test_a_clean_rerun_gives_identical_outs(repro, tmp_path):
+    """Same params, data and code from a clean directory: every hash in dvc.lock is the same (the
+    MLflow run id is not an out; evaluate finds the run by the checkpoint's bytes)."""
+    project, _ = repro
+    again = make_project(tmp_path / "again")
+    run(again, sys.executable, "-m", "dvc", "repro")
+    first, second = (yaml.safe_load((p / "dvc.lock").read_text())["stages"] for p in (project, again))
+    outs = {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in first.items()}
+    assert outs == {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in second.items()}
+    assert set(outs) == {"fetch", "preprocess", "train", "evaluate", "submit"} and outs["train"]
 
 
 def set_param(project, section, key, value):
@@ -86,8 +99,7 @@ def test_changing_only_beam_width_reruns_evaluate_and_submit_but_not_train(repro
 
 def test_predict_with_the_logged_model_reproduces_the_submission(repro):
     project, _ = repro
-    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
     [logged] = mlflow.get_run(run_id).outputs.model_outputs
     for uri in (f"models:/{logged.model_id}", f"runs:/{run_id}/model"):
         out = run(project, sys.executable, "-m", "ctclab", "predict", "--model", uri, "--mfcc", "data/raw").stdout

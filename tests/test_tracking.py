@@ -97,12 +97,12 @@ def test_study_parent_and_child_runs(tmp_path, store):
                                "on-s0", parent.run_id) as run:
         for epoch, v in ((1, 5.0), (2, 3.0)):
             run.log_metrics({"dev_lev_greedy": v, "epoch_seconds": 10.0}, step=epoch)
-    assert tracking.is_study_child(store, run.run_id, parent.run_id, labels)
-    assert not tracking.is_study_child(store, run.run_id, parent.run_id, {**labels, "variant": "off"})
+    assert tracking.is_study_child(run.run_id, parent.run_id, labels)
+    assert not tracking.is_study_child(run.run_id, parent.run_id, {**labels, "variant": "off"})
     [own] = tracking.children(parent)
     assert own.run_id == run.run_id and mlflow.MlflowClient(store).get_run(run.run_id).info.experiment_id == parent.experiment_id
     # another variant evaluating the same trained model gets a child run of its own
-    child = tracking.log_study_child(store, run.run_id, parent.run_id, {**labels, "variant": "b8"},
+    child = tracking.log_study_child(run.run_id, parent.run_id, {**labels, "variant": "b8"},
                                      {"decode.beam_width": 8}, {"eval_dev_lev_beam": 2.5}, {"evaluate/worst.tsv": "id\n"})
     record = next(r for r in tracking.children(parent) if r.run_id == child)
     assert record.status == "FINISHED" and record.tags["variant"] == "b8" and record.tags["training_run_id"] == run.run_id
@@ -112,6 +112,17 @@ def test_study_parent_and_child_runs(tmp_path, store):
     assert tracking.metric_history(child, "dev_lev_greedy") == [(1, 5.0), (2, 3.0)]
 
 
-def test_a_missing_run_pointer_is_one_line(tmp_path):
-    with pytest.raises(CtclabError, match="mlflow_run.json: missing; run the train stage first"):
-        tracking.training_run_info(tmp_path)
+def test_the_run_of_a_checkpoint_is_found_by_its_bytes(tmp_path, store):
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"weights")
+    digest = __import__("hashlib").sha256(b"weights").hexdigest()
+    with pytest.raises(CtclabError) as err:  # nothing recorded it yet
+        tracking.checkpoint_run(store, tmp_path, ckpt)
+    assert "best.pt: no training run in sqlite:///" in str(err.value) and "\n" not in str(err.value)
+    ids = []
+    for experiment in ("ctclab", "ctclab/study"):  # any experiment; a rerun writing the same bytes is newer
+        with tracking.training_run(store, experiment, tmp_path, None, {}, {"checkpoint_sha256": digest}, "r") as run:
+            ids.append(run.run_id)
+    assert tracking.checkpoint_run(store, tmp_path, ckpt) == ids[-1]
+    with pytest.raises(CtclabError, match="missing.pt: no checkpoint; run the train stage first"):
+        tracking.checkpoint_run(store, tmp_path, tmp_path / "missing.pt")

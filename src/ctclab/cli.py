@@ -59,6 +59,17 @@ def _read_json(path: Path):
         return None
 
 
+def _training_run(root: Path) -> str:
+    from .config import load_params
+    from .errors import CtclabError
+    from .tracking import checkpoint_run
+
+    try:
+        return checkpoint_run(load_params(root / "params.yaml").tracking.uri, root, root / "models/best.pt")
+    except CtclabError:
+        return "? (not in this store)"
+
+
 def summary(root: Path, times: dict[str, float | None], total: float) -> str:
     lines = ["", "── ctclab summary " + "─" * 40]
     meta = _read_json(root / "data/processed/meta.json")
@@ -69,10 +80,9 @@ def summary(root: Path, times: dict[str, float | None], total: float) -> str:
     for stage, seconds in times.items():
         lines.append(f"stage      {stage:<11} {'cached' if seconds is None else f'{seconds:6.1f} s'}")
     train = _read_json(root / "metrics/train.json")
-    run = _read_json(root / "models/mlflow_run.json") or {}
     if train:
         lines.append(f"train      dev greedy Levenshtein {train['dev_lev_greedy']:.3f}, PER {train['dev_per']:.1%} "
-                     f"(best of {train['epochs']} epochs); MLflow run {run.get('run_id', '?')}")
+                     f"(best of {train['epochs']} epochs); MLflow run {_training_run(root)}")
     ev = _read_json(root / "metrics/eval.json")
     if ev:
         lines.append(f"evaluate   dev Levenshtein greedy {ev['dev_lev_greedy']:.3f}, beam({ev['beam_width']}) "

@@ -30,7 +30,7 @@ def worst_utterances(shard: Shard, hyps: list[list[int]], refs: list[list[int]],
 
 
 def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", metrics_dir="metrics",
-             root=".", log=True, study: StudyConfig | None = None, seed: int = 0) -> dict:
+             root=".", log=True, study: StudyConfig | None = None, seed: int = 0, tracking_uri: str = "") -> dict:
     data_dir, models_dir, metrics_dir = Path(data_dir), Path(models_dir), Path(metrics_dir)
     dev = Shard(data_dir / "dev")
     refs = dev.references()
@@ -41,19 +41,18 @@ def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", 
     storage.write_json(metrics_dir / "eval.json", result)
     if not log:
         return result
-    info = tracking.training_run_info(models_dir)
+    run_id = tracking.checkpoint_run(tracking_uri, Path(root), models_dir / "best.pt")
     table = {f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv": worst_utterances(dev, hyps["beam"], refs)}
     speed = {"decode_greedy_utterances_per_second": len(dev) / max(seconds["greedy"], 1e-9),
              "decode_beam_utterances_per_second": len(dev) / max(seconds["beam"], 1e-9)}
     scores = {**{f"eval_{k}": v for k, v in result.items()}, **speed}
     decode_tags = {"decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers}
     labels = {"study": study.name, "variant": study.variant, "seed": str(seed)} if study is not None and study.name else {}
-    if labels and not tracking.is_study_child(info["tracking_uri"], info["run_id"], study.parent_run_id, labels):
+    if labels and not tracking.is_study_child(run_id, study.parent_run_id, labels):
         # the trained model came from another variant's training (DVC's run cache): a child run of its own
-        tracking.log_study_child(info["tracking_uri"], info["run_id"], study.parent_run_id, labels, decode_tags,
-                                 scores, table)
+        tracking.log_study_child(run_id, study.parent_run_id, labels, decode_tags, scores, table)
         return result
-    with tracking.continue_run(info["tracking_uri"], Path(root), info["run_id"]) as run:
+    with tracking.continue_run(run_id) as run:
         run.log_metrics(scores)
         run.set_tags(decode_tags)
         if labels:  # a study child: decode params compare in the UI like training params (fixed per variant)

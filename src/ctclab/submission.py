@@ -58,7 +58,8 @@ def predict(recognizer, folder: str | Path, beam_width: int, workers: int, fmt: 
 
 
 def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/processed", models_dir="models",
-           out_path="submission/submission.csv", metrics_dir="metrics", root=".", kaggle_api=None) -> dict:
+           out_path="submission/submission.csv", metrics_dir="metrics", root=".", kaggle_api=None,
+           tracking_uri: str = "") -> dict:
     data_dir, models_dir, out_path = Path(data_dir), Path(models_dir), Path(out_path)
     meta = json.loads((data_dir / "meta.json").read_text())
     test = Shard(data_dir / "test")
@@ -69,14 +70,14 @@ def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/pro
         s = score(hyps["beam"], test.references())
         result.update(test_lev_beam=round(s.mean_distance, 6), test_per=round(s.per, 6))
     storage.write_json(Path(metrics_dir) / "submit.json", result)
-    info = tracking.training_run_info(models_dir)
-    with tracking.continue_run(info["tracking_uri"], Path(root), info["run_id"]) as run:
+    run_id = tracking.checkpoint_run(tracking_uri, Path(root), models_dir / "best.pt")
+    with tracking.continue_run(run_id) as run:
         run.log_artifact(out_path, "submission")
         if "test_lev_beam" in result:
             run.log_metrics({"test_lev_beam": result["test_lev_beam"], "test_per": result["test_per"]})
         if upload:
             try:
-                kaggle.submit(out_path, f"ctclab MLflow run {info['run_id']}", competition, kaggle_api)
+                kaggle.submit(out_path, f"ctclab MLflow run {run_id}", competition, kaggle_api)
             except CtclabError as err:
                 run.set_tags({"kaggle_upload": "failed"})
                 raise CtclabError(f"{err} (the submission is kept at {out_path})") from None

@@ -27,6 +27,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
+from . import storage
 from .errors import CtclabError
 from .project import real_root
 
@@ -209,9 +210,9 @@ def training_run(configured_uri: str, experiment: str, root: Path, resume_run_id
     return run
 
 
-def continue_run(configured_uri: str, root: Path, run_id: str) -> RunLog:
-    """Log into a finished run again (evaluate and submit log into the training's run)."""
-    mlflow.set_tracking_uri(tracking_uri(configured_uri, root))
+def continue_run(run_id: str) -> RunLog:
+    """Log into a finished run again (evaluate and submit log into the training's run, found by
+    `checkpoint_run`, which also points MLflow at the store)."""
     return RunLog(mlflow.start_run(run_id=run_id))
 
 
@@ -292,19 +293,19 @@ def train_seconds(run_id: str) -> float:
     return sum(v for _, v in metric_history(run_id, "epoch_seconds"))
 
 
-def is_study_child(uri: str, run_id: str, parent_run_id: str, labels: dict) -> bool:
+def is_study_child(run_id: str, parent_run_id: str, labels: dict) -> bool:
     """Whether a training run is the study child for these labels (study, variant, seed)."""
-    tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
     return tags.get("mlflow.parentRunId") == parent_run_id and all(tags.get(k) == v for k, v in labels.items())
 
 
-def log_study_child(uri: str, training_run_id: str, parent_run_id: str, labels: dict, extra_params: dict,
-                    metrics: dict, texts: dict[str, str]) -> str:
+def log_study_child(training_run_id: str, parent_run_id: str, labels: dict, extra_params: dict, metrics: dict,
+                    texts: dict[str, str]) -> str:
     """A child run under the study's parent for a variant × seed whose training run belongs to
     another variant (a beam-width study trains once per seed, and DVC's run cache hands the
     trained model to every variant): the training's params, learning curves, provenance tags,
     dataset and model, plus this evaluation."""
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient()
     parent, training = client.get_run(parent_run_id), client.get_run(training_run_id)
     tags = {k: v for k, v in training.data.tags.items()
             if not k.startswith("mlflow.") or k.startswith("mlflow.source.git")}
@@ -354,9 +355,18 @@ def load_model(configured_uri: str, root: Path, model_uri: str):
     return model, metadata
 
 
-def training_run_info(models_dir: Path) -> dict:
-    """The MLflow run (id and store) that the train stage wrote beside its checkpoints."""
-    path = Path(models_dir) / "mlflow_run.json"
-    if not path.is_file():
-        raise CtclabError(f"{path}: missing; run the train stage first (dvc repro train)")
-    return json.loads(path.read_text())
+def checkpoint_run(configured_uri: str, root: Path, checkpoint: Path) -> str:
+    """The training run that wrote this checkpoint (its `checkpoint_sha256` tag), searched in every
+    experiment of the store; the newest wins (a deterministic rerun writes the same bytes). The run
+    id lives in MLflow, not in DVC's outs, so the outs of two clean reruns are identical."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise CtclabError(f"{checkpoint}: no checkpoint; run the train stage first (dvc repro train)")
+    digest = storage.sha256_file(checkpoint)
+    mlflow.set_tracking_uri(tracking_uri(configured_uri, root))
+    found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.checkpoint_sha256 = '{digest}'",
+                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not found:
+        raise CtclabError(f"{checkpoint}: no training run in {mlflow.get_tracking_uri()} wrote this checkpoint "
+                          f"(sha256 {digest[:12]}); retrain it with `dvc repro -f train` to record it there")
+    return found[0].info.run_id

@@ -146,7 +146,8 @@ def write_outputs(history: list[dict], summary: dict, run: tracking.RunLog, out_
     storage.write_json(metrics_dir / "train.json", summary)
     storage.write_text(metrics_dir / "train_history.csv",
                        ",".join(history[0]) + "\n" + "".join(",".join(str(r[k]) for k in r) + "\n" for r in history))
-    storage.write_json(out_dir / "mlflow_run.json", {"run_id": run.run_id, "tracking_uri": run.uri})
+    # evaluate and submit find this run by the checkpoint's bytes (no run id in DVC's outs)
+    run.set_tags({"checkpoint_sha256": storage.sha256_file(out_dir / "best.pt")})
     run.log_metrics({"best_dev_lev_greedy": summary["dev_lev_greedy"], "best_epoch": summary["best_epoch"],
                      "train_seconds": tracking.train_seconds(run.run_id)})
     run.log_artifact(out_dir / "best.pt", "checkpoints")
