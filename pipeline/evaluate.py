@@ -3,6 +3,7 @@ write metrics/eval.json; log scores, decode speed and the worst utterances into 
 
     python pipeline/evaluate.py      # or: dvc repro evaluate
 """
+import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.evaluate import evaluate

@@ -2,6 +2,7 @@
 
     python pipeline/fetch.py      # or: dvc repro fetch
 """
+import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab import sources
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors

@@ -2,6 +2,7 @@
 
     python pipeline/preprocess.py      # or: dvc repro preprocess
 """
+import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab.config import load_params
 from ctclab.data import preprocess
 from ctclab.errors import one_line_errors

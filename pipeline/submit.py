@@ -3,6 +3,7 @@ competition's order, write submission/submission.csv in its format, optionally u
 
     python pipeline/submit.py      # or: dvc repro submit
 """
+import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.submission import submit

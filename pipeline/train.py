@@ -3,6 +3,7 @@ and metrics/train.json + metrics/train_history.csv, log everything to one MLflow
 
     python pipeline/train.py      # or: dvc repro train
 """
+import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.train import train

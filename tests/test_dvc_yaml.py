@@ -2,6 +2,7 @@
 modules in the script's import closure, and its params exactly the keys the script declares."""
 import ast
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from ctclab.config import flatten
 from project import DEFAULTS, REPO
 
 PACKAGE = REPO / "src" / "ctclab"
+PIPELINE = REPO / "pipeline"
 
 
 def ctclab_imports(path: Path) -> set[str]:
@@ -39,10 +41,20 @@ def import_closure(script: Path) -> set[str]:
     return seen
 
 
+def local_imports(script: Path) -> set[str]:
+    """Helper modules of pipeline/ a stage script imports (e.g. _environment)."""
+    names = {a.name for node in ast.walk(ast.parse(script.read_text())) if isinstance(node, ast.Import) for a in node.names}
+    return {f"pipeline/{n}.py" for n in names if (PIPELINE / f"{n}.py").is_file()}
+
+
 def declared_params(script: Path) -> list[str]:
+    sys.path.insert(0, str(PIPELINE))  # as when the script runs: its folder first
     spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(PIPELINE))
     return list(module.PARAMS)
 
 
@@ -53,7 +65,8 @@ def disagreements(dvc: dict) -> list[str]:
         script = Path(next(w for w in stage["cmd"].split() if w.endswith(".py")))
         deps = set(stage.get("deps", []))
         code_deps = {d for d in deps if d.startswith(("src/", "pipeline/"))}
-        expected = {str(script)} | {f"src/ctclab/{m}.py" for m in import_closure(REPO / script)}
+        expected = ({str(script)} | local_imports(REPO / script)
+                    | {f"src/ctclab/{m}.py" for m in import_closure(REPO / script)})
         problems += [f"{name}: missing dep {d}" for d in sorted(expected - code_deps)]
         problems += [f"{name}: dep {d} is not imported by {script}" for d in sorted(code_deps - expected)]
         params = stage.get("params", [])
@@ -79,7 +92,8 @@ def test_the_check_catches_a_removed_dep_and_a_stale_param():
     ]
 
 
-@pytest.mark.parametrize("script", sorted((REPO / "pipeline").glob("*.py")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("script", sorted(p for p in PIPELINE.glob("*.py") if not p.stem.startswith("_")),
+                         ids=lambda p: p.stem)
 def test_declared_params_are_real_keys(script):
     keys = set(flatten(DEFAULTS))
     for p in declared_params(script):

@@ -107,3 +107,12 @@ def test_predict_with_the_logged_model_reproduces_the_submission(repro):
     bad = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/nope@champion", "--mfcc",
               "data/raw", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--model models:/nope@champion" in bad.stderr
+
+
+def test_a_stage_run_by_another_python_says_so_in_one_line(tmp_path):
+    project = make_project(tmp_path / "p", git=False)
+    other = sys._base_executable  # the Python the venv was made from: no ctclab there
+    r = run(project, other, "pipeline/train.py", check=False)
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(f"train.py: ctclab is not importable by {other}; ") and "/.venv/bin/activate" in line
