@@ -120,6 +120,18 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
     assert linked.model_id == client.get_run(trainings[0].info.run_id).outputs.model_outputs[0].model_id
 
 
+def test_untracked_code_is_refused_before_anything_is_queued(tmp_path):
+    study = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True}], "seeds": [0], "smoke": SMOKE}
+    project = committed_project(tmp_path, study)
+    (project / "src/ctclab/new_module.py").write_text("X = 1\n")
+    (project / "notes.txt").write_text("not code: fine\n")
+    r = study_cli(project, "run", "experiments/s.yaml", "--smoke", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "untracked src/ctclab/new_module.py would be left out of the queued experiments" in r.stderr
+    assert "notes.txt" not in r.stderr
+    assert "s-a-s0-smoke" not in run(project, sys.executable, "-m", "dvc", "queue", "status").stdout
+
+
 def write_study(tmp_path, **over):
     base = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": {}},
                                                          {"name": "b", "params": {"model.kaiming": False}}],

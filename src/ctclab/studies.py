@@ -193,9 +193,24 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
     return queued, skipped
 
 
+# What a queued experiment runs: `dvc exp run --queue` takes tracked files as they are in the
+# workspace (modified or not) but leaves untracked ones out.
+CODE_PATHS = ("src", "pipeline", "params.yaml", "dvc.yaml")
+
+
+def untracked_code(root: Path) -> list[str]:
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS], cwd=root,
+                         capture_output=True, text=True).stdout
+    return [line[3:] for line in out.splitlines() if line.startswith("?? ")]
+
+
 def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | None = None,
               smoke: bool = False, poll_seconds: float = 2.0) -> dict:
     seeds = tuple(seeds or (study.smoke_seeds if smoke else study.seeds))
+    unseen = untracked_code(root)
+    if unseen:
+        raise CtclabError(f"{root}: untracked {', '.join(unseen[:5])}{' …' if len(unseen) > 5 else ''} would be left "
+                          "out of the queued experiments (DVC queues tracked files only); `git add` or remove them")
     parent = parent_run(study, smoke, root)
     queued, skipped = _queue(study, root, seeds, smoke, parent)
     print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI: "
