@@ -21,7 +21,8 @@ if [ "${1:-}" = "--prepare" ]; then
     PY=${PYTHON:-.venv/bin/python}
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     rm -rf .whl && mkdir .whl
-    # what the GPU image lacks; --no-deps: everything else there is already installed
+    # what the GPU image lacks; --no-deps: everything else there is already installed (pandas: mlflow.pytorch,
+    # which logs the trained model; psutil and nvidia-ml-py: MLflow system metrics with the GPU figures)
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
@@ -31,7 +32,7 @@ if [ "${1:-}" = "--prepare" ]; then
         cachetools==7.3.3 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 opentelemetry-api==1.45.2 \
         opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 opentelemetry-proto==1.45.2 \
         importlib-metadata==9.1.0 sqlparse==0.6.1 python-dotenv==1.2.4 fastapi==0.165.0 starlette==1.10.0 \
-        uvicorn==0.54.0
+        uvicorn==0.54.0 psutil==7.2.2 nvidia-ml-py==13.615.71 pandas==3.1.1 python-dateutil==2.9.0.post0 six==1.17.0
     [ -f data/processed/meta.json ] || "$PY" -m ctclab run -s preprocess
     du -sh .whl data/processed
     exit 0

@@ -67,25 +67,28 @@ def run_train(project: Path) -> dict:
                  project / "metrics", root=project, progress=False)
 
 
-def kill_after_first_checkpoint(project: Path, deadline_s: float = 600) -> int:
-    """Start the train stage as its own process, SIGKILL it once a resume checkpoint exists, and
-    return the epoch that checkpoint holds. The deadline covers imports and pip freeze on a slow machine."""
+def interrupt_training(project: Path, sig: int, deadline_s: float = 600) -> tuple[int, str, dict]:
+    """Start the train stage as its own process, send it `sig` once a mid-epoch resume checkpoint
+    exists (batches of an epoch done), and return (exit code, stderr, that checkpoint's epoch and
+    batch). The deadline covers imports and pip freeze on a slow machine."""
+    import json
     import time
-
-    import torch
 
     from ctclab.checkpoint import RESUME_DIR
 
     proc = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + deadline_s
-    while not list((project / RESUME_DIR).glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None:
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, where = time.monotonic() + deadline_s, None
+    while where is None and time.monotonic() < deadline and proc.poll() is None:
+        for pointer in (project / RESUME_DIR).glob("*.json"):
+            saved = json.loads(pointer.read_text())
+            if saved["batch"] > 0 and pointer.with_suffix(".pt").is_file():
+                where = saved
         time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    saved = list((project / RESUME_DIR).glob("*.pt"))
-    assert saved, "training finished or failed before it could be killed"
-    return torch.load(saved[0], weights_only=False)["epoch"]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=deadline_s)
+    assert where is not None, f"training finished or failed before it could be interrupted:\n{err[-2000:]}"
+    return proc.returncode, err, where
 
 
 # What an architecture has no place for must be left neutral (ctclab.config refuses it otherwise).

@@ -2,6 +2,7 @@
 and backward under autocast, bf16 and fp16 (+ grad scaler), resume. Skipped without a GPU;
 bench/gpu_check.sh runs them on a GPU machine (needs only torch, numpy, pydantic, mlflow-skinny)."""
 import os
+import signal
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from ctclab.checkpoint import RESUME_DIR
 from ctclab.data import preprocess
 from ctclab.inference import load_checkpoint
 from ctclab.models import BiLSTM, build
-from project import NEUTRAL, config, kill_after_first_checkpoint, merge, project_with_data, run_train
+from project import NEUTRAL, config, interrupt_training, merge, project_with_data, run_train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -78,9 +79,9 @@ def test_lstm_runs_fp32_under_autocast_with_cudnn_backward():
 
 
 def test_killed_cuda_training_resumes_in_the_same_run(tmp_path, processed):
-    project = cuda_project(tmp_path, processed, {"train": {"epochs": 40}})
-    killed_at = kill_after_first_checkpoint(project)
-    assert 1 <= killed_at < 40
+    project = cuda_project(tmp_path, processed, {"train": {"epochs": 40, "checkpoint_minutes": 1e-6}})
+    _, _, where = interrupt_training(project, signal.SIGKILL)
+    assert 0 <= where["epoch"] < 40 and where["batch"] > 0  # killed mid-epoch
     result = run_train(project)
     history = load_checkpoint(project / "models/last.pt")["history"]
     assert [r["epoch"] for r in history] == list(range(1, 41)) and result["epochs"] == 40

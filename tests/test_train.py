@@ -1,5 +1,6 @@
 """Training: each architecture end to end, MLflow records, determinism, kill-and-resume."""
 import json
+import signal
 
 import mlflow
 import numpy as np
@@ -11,7 +12,7 @@ from ctclab.data import preprocess
 from ctclab.batching import bucket_batches
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.inference import load_checkpoint, load_model
-from project import NEUTRAL, kill_after_first_checkpoint, project_with_data, run_train
+from project import NEUTRAL, interrupt_training, merge, project_with_data, run_train
 
 
 @pytest.fixture(scope="module")
@@ -94,26 +95,34 @@ def test_rerun_is_bit_identical_on_cpu(tmp_path, processed):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_killed_training_resumes_to_the_same_weights_in_the_same_run(tmp_path, processed):
-    over = {"train": {"epochs": 6, "specaugment": {"time_masks": 1}}, "model": {"hidden": 32}}
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_training_stopped_mid_epoch_resumes_to_the_same_weights_in_the_same_run(tmp_path, processed, sig):
+    # checkpoint_minutes tiny: a resume checkpoint after every batch (it cannot change the result)
+    over = {"train": {"epochs": 3, "batch_size": 2, "specaugment": {"time_masks": 1}}, "model": {"hidden": 32}}
     reference = project_with_data(tmp_path / "reference", processed, over)
     run_train(reference)
 
-    project = project_with_data(tmp_path / "killed", processed, over)
-    killed_at = kill_after_first_checkpoint(project)
-    assert 1 <= killed_at < 6
-    assert not (project / "metrics/train.json").exists()
+    project = project_with_data(tmp_path / "stopped", processed, merge(over, {"train": {"checkpoint_minutes": 1e-6}}))
+    code, err, where = interrupt_training(project, sig)
+    assert where["batch"] > 0 and not (project / "metrics/train.json").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    if sig == signal.SIGINT:  # a clean stop: one line, the shell's exit code, the run marked KILLED
+        assert code == 130, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("ctclab: error: train: stopped by SIGINT in epoch ") and "next `dvc repro` continues" in last
+        assert "Traceback" not in err
+        [killed] = mlflow.search_runs(experiment_names=["ctclab"], output_format="list")
+        assert killed.info.status == "KILLED"
 
     result = run_train(project)
     sr, sk = state(reference), state(project)
     assert all(torch.equal(sr[k], sk[k]) for k in sr)
     assert (reference / "metrics/train.json").read_bytes() == (project / "metrics/train.json").read_bytes()
     assert not list((project / RESUME_DIR).glob("*.pt"))  # cleaned up once finished
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ctclab"], output_format="list")
-    assert len(runs) == 1 and runs[0].info.run_id == result["mlflow_run_id"]
+    assert len(runs) == 1 and runs[0].info.run_id == result["mlflow_run_id"] and runs[0].info.status == "FINISHED"
     steps = [h.step for h in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "dev_lev_greedy")]
-    assert sorted(steps) == list(range(1, 7))  # each epoch logged exactly once
+    assert steps == [1, 2, 3]  # each epoch logged exactly once
 
 
 def test_changed_params_do_not_resume_a_stale_checkpoint(tmp_path, processed):

@@ -1,13 +1,16 @@
 """Training checkpoints: what one holds, writing it (serialised once, written atomically), and
 resuming an interrupted training from it.
 
-Every epoch-end checkpoint carries the model spec and weights, optimizer, scheduler, grad scaler,
-RNG states (torch, CUDA, augmentation), epoch, history and best metric. It goes to models/last.pt,
-to models/best.pt when the dev distance improved, and to .ctclab/resume/<fingerprint>.pt — outside
+Every checkpoint carries the model spec and weights, optimizer, scheduler, grad scaler, RNG states
+(torch, CUDA, augmentation), epoch, history and best metric; a mid-epoch one also the batches of the
+epoch already done and the loss summed over them. At an epoch's end it goes to models/last.pt, to
+models/best.pt when the dev distance improved, and to .ctclab/resume/<fingerprint>.pt — outside
 DVC's outs, so the stage stays in DVC's run cache — with the MLflow run id beside it in
-<fingerprint>.json. A train stage with the same model/train params, data, device and AMP dtype
-that finds it resumes. On the CPU a resumed run is bit-identical to an uninterrupted one; on CUDA it
-is not (cuDNN's LSTM dropout draws from its own RNG state, which is not saved).
+<fingerprint>.json. Mid-epoch (every train.checkpoint_minutes, and on SIGINT/SIGTERM) only the
+resume slot is written. A train stage with the same model/train params, data, device and AMP dtype
+that finds it resumes, at the batch where it stopped. On the CPU a resumed run is bit-identical to
+an uninterrupted one; on CUDA it is not (cuDNN's LSTM dropout draws from its own RNG state, which
+is not saved).
 """
 from __future__ import annotations
 
@@ -22,12 +25,13 @@ import torch
 
 from . import storage
 from .config import Params, flatten
+from .errors import CtclabError
 
 RESUME_DIR = Path(".ctclab") / "resume"
 
 
 # Keys that cannot change a training's result: a run resumes across a change of these.
-RUNTIME_ONLY = {"train.resume", "train.loader_workers"}
+RUNTIME_ONLY = {"train.resume", "train.loader_workers", "train.checkpoint_minutes"}
 
 
 def fingerprint(params: Params, data_hash: str, runtime: str) -> str:
@@ -41,11 +45,15 @@ def fingerprint(params: Params, data_hash: str, runtime: str) -> str:
 
 @dataclass
 class Progress:
-    """Where a training stands: the next epoch to run, the best dev distance, the per-epoch rows."""
+    """Where a training stands: the epochs done, the best dev distance, the per-epoch rows, and
+    within the next epoch the batches done and their summed loss and utterance count."""
     epoch: int = 0
     best: float = math.inf
     history: list[dict] = field(default_factory=list)
     run_id: str | None = None
+    batch: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
 
 
 def state(model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device: torch.device,
@@ -53,7 +61,7 @@ def state(model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device:
     return {"model_spec": model.spec(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(), "epoch": progress.epoch, "history": progress.history,
-            "best": progress.best,
+            "best": progress.best, "batch": progress.batch, "loss_sum": progress.loss_sum, "seen": progress.seen,
             "rng": {"torch": torch.get_rng_state(), "augment": aug_gen.get_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
 
@@ -63,11 +71,30 @@ def write_epoch(ckpt: dict, out_dir: Path, resume_path: Path, improved: bool, ru
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     data = buf.getvalue()
-    storage.write_bytes(out_dir / "last.pt", data)
+    _write(out_dir / "last.pt", data)
     if improved:
-        storage.write_bytes(out_dir / "best.pt", data)
-    storage.write_json(resume_path.with_suffix(".json"), {"mlflow_run_id": run_id, "epoch": ckpt["epoch"]})
-    storage.write_bytes(resume_path, data)
+        _write(out_dir / "best.pt", data)
+    write_resume(ckpt, resume_path, run_id, data)
+
+
+def write_resume(ckpt: dict, resume_path: Path, run_id: str, data: bytes | None = None) -> None:
+    """The resume slot alone (mid-epoch)."""
+    if data is None:
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        data = buf.getvalue()
+    _write(resume_path.with_suffix(".json"), json.dumps({"mlflow_run_id": run_id, "epoch": ckpt["epoch"],
+                                                         "batch": ckpt["batch"]}).encode())
+    _write(resume_path, data)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic (temp file + rename): a failed write leaves the previous file as it was."""
+    try:
+        storage.write_bytes(path, data)
+    except OSError as err:
+        raise CtclabError(f"{path}: could not write the checkpoint ({err.strerror or err}); the previous "
+                          f"{path.name} is intact") from None
 
 
 def resume(resume_path: Path, model, optimizer, scheduler, scaler, aug_gen: torch.Generator,
@@ -87,7 +114,8 @@ def resume(resume_path: Path, model, optimizer, scheduler, scaler, aug_gen: torc
     if device.type == "cuda" and saved["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     run_id = json.loads(run_file.read_text())["mlflow_run_id"]
-    return Progress(saved["epoch"], saved["best"], saved["history"], run_id)
+    return Progress(saved["epoch"], saved["best"], saved["history"], run_id, saved.get("batch", 0),
+                    saved.get("loss_sum", 0.0), saved.get("seen", 0))
 
 
 def clear(resume_path: Path) -> None:

@@ -121,6 +121,7 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "fp16", "off"]  # CUDA autocast; auto = bf16 where supported, else fp16
     loader_workers: NonNegativeInt  # DataLoader processes collating batches ahead (speed only)
     resume: Literal["auto", "never"]
+    checkpoint_minutes: Annotated[float, Field(gt=0.0)]  # a mid-epoch resume checkpoint at least this often
     specaugment: SpecAugmentConfig
 
 

@@ -10,7 +10,8 @@ class CtclabError(Exception):
 
 
 def one_line_errors(main):
-    """Wrap an entry point so a CtclabError prints `ctclab: <message>` and exits with status 2."""
+    """Wrap an entry point so a CtclabError prints `ctclab: <message>` and exits with status 2 (or
+    the error's own `exit_code`, e.g. 130 for a training stopped by Ctrl-C)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -18,6 +19,6 @@ def one_line_errors(main):
             return main(*args, **kwargs)
         except CtclabError as err:
             print(f"ctclab: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(getattr(err, "exit_code", 2))
 
     return wrapper

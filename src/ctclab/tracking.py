@@ -180,6 +180,10 @@ class RunLog:
                                                               f"numpy=={np.__version__}"])
         return info.model_id
 
+    def end(self, status: str) -> None:
+        """End the run now with this status (KILLED for an interrupted training)."""
+        mlflow.end_run(status)
+
     def __enter__(self) -> "RunLog":
         self._run.__enter__()
         return self

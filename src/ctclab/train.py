@@ -14,8 +14,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,20 +96,59 @@ def trainable(train_set: Shard, dev_set: Shard, model: models.CTCModel, data_dir
     return train_idx, infeasible
 
 
+class TrainingInterrupted(CtclabError):
+    """SIGINT/SIGTERM: the training stopped at a batch boundary after saving where it was."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """While training, SIGINT and SIGTERM only ask it to stop: the current batch finishes, a resume
+    checkpoint is written, the MLflow run is marked KILLED. (Outside the main thread: no handlers.)"""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        try:
+            self._previous = {s: signal.signal(s, self._ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:
+            pass
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, cfg: TrainConfig,
-                aug_gen: torch.Generator, device: torch.device, desc: str, progress: bool) -> tuple[float, int]:
-    """One pass over `batches`; returns (mean train loss per utterance, utterances seen). The
-    loss is summed on the device (in float64) and read back every SYNC_EVERY steps on CUDA."""
+                aug_gen: torch.Generator, device: torch.device, desc: str, progress: bool,
+                start: int = 0, done: tuple[float, int] = (0.0, 0), after_batch=None) -> tuple[float, int]:
+    """One pass over `batches` from batch `start` on (a resumed epoch: `done` = loss sum and
+    utterances of the batches before); returns (mean train loss per utterance, utterances seen).
+    The loss is summed on the device (in float64) and read back every SYNC_EVERY steps on CUDA.
+    `after_batch(step, totals)` runs after every optimizer step (checkpoints, stop requests)."""
     from tqdm import tqdm
 
     model.train()
     dtype = amp_dtype(device, cfg.amp)
     ctc = nn.CTCLoss(blank=0, reduction="mean", zero_infinity=False)
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-    t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
-    bar = tqdm(loader(train_set, batches, cfg.loader_workers, device), total=len(batches), desc=desc, unit="batch",
-               disable=not progress, file=sys.stderr, leave=False, mininterval=1 if sys.stderr.isatty() else 30)
-    for step, batch in enumerate(bar, 1):
+    t0, seen = time.perf_counter(), done[1]
+    loss_sum = torch.tensor(done[0], dtype=torch.float64, device=device)
+    rng = torch.get_rng_state()
+    batch_iter = iter(loader(train_set, batches[start:], cfg.loader_workers, device))
+    if start:  # the epoch's loader already drew its seed from torch's RNG before the checkpoint
+        torch.set_rng_state(rng)
+    bar = tqdm(batch_iter, total=len(batches), initial=start, desc=desc, unit="batch", disable=not progress,
+               file=sys.stderr, leave=False, mininterval=1 if sys.stderr.isatty() else 30)
+    for step, batch in enumerate(bar, start + 1):
         batch.features = spec_augment(batch.features, batch.lengths, cfg.specaugment, aug_gen)
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -119,7 +160,12 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
         if step % sync_every == 0 or step == len(batches):
             total = loss_sum.item()
             if not math.isfinite(total):
-                raise RuntimeError(f"non-finite CTC loss in {desc} by batch {step}; lower train.lr")
+                first = max(start + 1, step - sync_every + 1)
+                ids = [train_set.ids[i] for b in batches[first - 1:step] for i in b]
+                raise CtclabError(f"{desc}: non-finite CTC loss in batch{'es' if step > first else ''} "
+                                  f"{first}{f'–{step}' if step > first else ''} of {len(batches)} (utterances "
+                                  f"{', '.join(ids[:6])}{' …' if len(ids) > 6 else ''}); the checkpoints of the epochs "
+                                  "before are kept; lower train.lr or check those utterances")
             # refresh=False: in a log (not a terminal) the bar then writes at most every mininterval
             bar.set_postfix(loss=f"{total / seen:.3f}", utt_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
         optimizer.zero_grad(set_to_none=True)
@@ -130,6 +176,8 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
         scaler.update()
         if cfg.scheduler == "cosine":
             scheduler.step()
+        if after_batch is not None:
+            after_batch(step, lambda: (loss_sum.item(), seen))
     return loss_sum.item() / seen, seen
 
 
@@ -175,69 +223,120 @@ def data_input(params: Params, meta: dict, data_dir: Path) -> tracking.DataInput
     return tracking.DataInput(name, meta["data_hash"][:12], str(data_dir.resolve()), profile)
 
 
-def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str | Path = "models",
-          metrics_dir: str | Path = "metrics", root: str | Path = ".", progress: bool = True) -> dict:
-    cfg, data_dir, out_dir, metrics_dir, root = params.train, Path(data_dir), Path(out_dir), Path(metrics_dir), Path(root)
+@dataclass
+class Training:
+    """Everything one training loop touches (built by `train`)."""
+    cfg: TrainConfig
+    model: models.CTCModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    aug_gen: torch.Generator
+    device: torch.device
+    train_set: Shard
+    dev_set: Shard
+    train_idx: np.ndarray
+    state: checkpoint.Progress
+    out_dir: Path
+    resume_path: Path
+
+    def checkpoint(self) -> dict:
+        return checkpoint.state(self.model, self.optimizer, self.scheduler, self.scaler, self.aug_gen, self.device,
+                                self.state)
+
+
+def run_epoch(t: Training, epoch: int, run: tracking.RunLog, stop: StopSignals, progress: bool) -> None:
+    """One epoch (from where a resumed one stopped): train, score dev, log, checkpoint. Mid-epoch,
+    a resume checkpoint every train.checkpoint_minutes and when a stop signal arrives."""
+    cfg, state, t0 = t.cfg, t.state, time.perf_counter()
+    batches = [t.train_idx[b] for b in bucket_batches(t.train_set.frames()[t.train_idx], cfg.batch_size, cfg.seed, epoch)]
+    last_save = time.monotonic()
+
+    def after_batch(step: int, totals) -> None:
+        nonlocal last_save
+        if stop.signum is None and (time.monotonic() - last_save < 60 * cfg.checkpoint_minutes or step == len(batches)):
+            return
+        state.batch, (state.loss_sum, state.seen) = step, totals()
+        checkpoint.write_resume(t.checkpoint(), t.resume_path, run.run_id)
+        last_save = time.monotonic()
+        if stop.signum is not None:
+            raise TrainingInterrupted(stop.signum, f"train: stopped by {signal.Signals(stop.signum).name} in epoch "
+                                      f"{epoch + 1}/{cfg.epochs} after batch {step}/{len(batches)}; {t.resume_path} "
+                                      "holds it and the next `dvc repro` continues from there")
+
+    desc = f"epoch {epoch + 1}/{cfg.epochs}"
+    train_loss, seen = train_epoch(t.model, t.train_set, batches, t.optimizer, t.scheduler, t.scaler, cfg, t.aug_gen,
+                                   t.device, desc, progress, state.batch, (state.loss_sum, state.seen), after_batch)
+    train_seconds = time.perf_counter() - t0
+    dev_loss, hyps, _ = evaluate_split(t.model, t.dev_set, 2 * cfg.batch_size, t.device, amp=cfg.amp)
+    s = score(hyps["greedy"], t.dev_set.references())
+    if cfg.scheduler == "plateau":
+        t.scheduler.step(s.mean_distance)
+    row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "dev_loss": round(dev_loss, 6),
+           "dev_lev_greedy": round(s.mean_distance, 6), "dev_per": round(s.per, 6),
+           "lr": t.optimizer.param_groups[0]["lr"]}
+    timing = {"epoch_seconds": time.perf_counter() - t0, "utterances_per_second": seen / train_seconds}
+    run.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, **timing}, step=epoch + 1)
+    print(f"{desc}: train loss {row['train_loss']:.3f}, dev loss {dev_loss:.3f}, dev greedy distance "
+          f"{s.mean_distance:.3f}, PER {s.per:.1%} ({timing['epoch_seconds']:.0f} s)", file=sys.stderr)
+    improved = s.mean_distance < state.best
+    state.epoch, state.best, state.batch, state.loss_sum, state.seen = epoch + 1, min(state.best, s.mean_distance), 0, 0.0, 0
+    state.history.append(row)
+    checkpoint.write_epoch(t.checkpoint(), t.out_dir, t.resume_path, improved, run.run_id)
+
+
+def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Training, dict, dict]:
+    """Seeded model, optimizer, scheduler and data — resumed from the resume slot when one matches."""
+    cfg = params.train
     meta = read_meta(data_dir)
     device = select_device(cfg.device)
     seed_everything(cfg.seed, device)
     train_set, dev_set = Shard(data_dir / "train"), Shard(data_dir / "dev")
     model = models.build(params.model, train_set.feature_dim).to(device)
     train_idx, infeasible = trainable(train_set, dev_set, model, data_dir)
-
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, math.ceil(len(train_idx) / cfg.batch_size))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, cfg.amp) == torch.float16)
     aug_gen = torch.Generator().manual_seed(cfg.seed)
-
     fingerprint = checkpoint.fingerprint(params, meta["data_hash"], f"{device.type}:{amp_dtype(device, cfg.amp)}")
     resume_path = root / checkpoint.RESUME_DIR / f"{fingerprint}.pt"
     state = checkpoint.resume(resume_path, model, optimizer, scheduler, scaler, aug_gen, device) if cfg.resume == "auto" else None
     if state is not None:
-        print(f"train: resuming after epoch {state.epoch} from {resume_path}", file=sys.stderr)
+        print(f"train: resuming epoch {state.epoch + 1} after batch {state.batch} from {resume_path}", file=sys.stderr)
     else:
         state = checkpoint.Progress()
         for stale in (out_dir / "best.pt", out_dir / "last.pt"):
             stale.unlink(missing_ok=True)
+    t = Training(cfg, model, optimizer, scheduler, scaler, aug_gen, device, train_set, dev_set, train_idx, state,
+                 out_dir, resume_path)
+    return t, meta, infeasible
 
+
+def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str | Path = "models",
+          metrics_dir: str | Path = "metrics", root: str | Path = ".", progress: bool = True) -> dict:
+    data_dir, out_dir, metrics_dir, root = Path(data_dir), Path(out_dir), Path(metrics_dir), Path(root)
+    t, meta, infeasible = setup(params, data_dir, out_dir, root)
+    device, state = t.device, t.state
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
     tags = {**tracking.provenance_tags(root, meta["data_hash"], str(device), device_name(device)),
-            "parameter_count": models.parameter_count(model), "amp_dtype": str(amp_dtype(device, cfg.amp)), **{f"infeasible_{k}": v for k, v in infeasible.items()}}
+            "parameter_count": models.parameter_count(t.model), "amp_dtype": str(amp_dtype(device, t.cfg.amp)),
+            **{f"infeasible_{k}": v for k, v in infeasible.items()}}
     if params.study.name:
-        tags.update({"study": params.study.name, "variant": params.study.variant, "seed": cfg.seed})
+        tags.update({"study": params.study.name, "variant": params.study.variant, "seed": t.cfg.seed})
     name, parent = run_identity(params)
-    with tracking.training_run(params.tracking.uri, params.tracking.experiment, root, state.run_id, logged, tags,
-                               name, parent) as run:
+    with StopSignals() as stop, tracking.training_run(params.tracking.uri, params.tracking.experiment, root,
+                                                        state.run_id, logged, tags, name, parent) as run:
         if state.run_id is None:
             run.log_data(data_input(params, meta, data_dir))
         state.run_id = run.run_id
-        refs = dev_set.references()
-        for epoch in range(state.epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            batches = bucket_batches(train_set.frames()[train_idx], cfg.batch_size, cfg.seed, epoch)
-            train_loss, seen = train_epoch(model, train_set, [train_idx[b] for b in batches], optimizer, scheduler,
-                                           scaler, cfg, aug_gen, device, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-            train_seconds = time.perf_counter() - t0
-            dev_loss, hyps, _ = evaluate_split(model, dev_set, 2 * cfg.batch_size, device, amp=cfg.amp)
-            s = score(hyps["greedy"], refs)
-            if cfg.scheduler == "plateau":
-                scheduler.step(s.mean_distance)
-            row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "dev_loss": round(dev_loss, 6),
-                   "dev_lev_greedy": round(s.mean_distance, 6), "dev_per": round(s.per, 6),
-                   "lr": optimizer.param_groups[0]["lr"]}
-            timing = {"epoch_seconds": time.perf_counter() - t0, "utterances_per_second": seen / train_seconds}
-            run.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, **timing}, step=epoch + 1)
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f}, dev loss {dev_loss:.3f}, "
-                  f"dev greedy distance {s.mean_distance:.3f}, PER {s.per:.1%} ({timing['epoch_seconds']:.0f} s)",
-                  file=sys.stderr)
-            improved = s.mean_distance < state.best
-            state.epoch, state.best = epoch + 1, min(state.best, s.mean_distance)
-            state.history.append(row)
-            ckpt = checkpoint.state(model, optimizer, scheduler, scaler, aug_gen, device, state)
-            checkpoint.write_epoch(ckpt, out_dir, resume_path, improved, run.run_id)
-
-        summary = summarize(state.history, models.parameter_count(model), infeasible)
+        try:
+            for epoch in range(state.epoch, t.cfg.epochs):
+                run_epoch(t, epoch, run, stop, progress)
+        except TrainingInterrupted:
+            run.end("KILLED")
+            raise
+        summary = summarize(state.history, models.parameter_count(t.model), infeasible)
         write_outputs(state.history, summary, run, out_dir, metrics_dir, meta)
-    checkpoint.clear(resume_path)
+    checkpoint.clear(t.resume_path)
     return {**summary, "mlflow_run_id": state.run_id}
