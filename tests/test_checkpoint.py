@@ -40,3 +40,25 @@ def test_architecture_data_and_runtime_change_the_fingerprint():
     assert fingerprint(DEFAULTS, "otherdata", "cpu:None") != BASE
     assert fingerprint(DEFAULTS, "datahash", "cuda:torch.bfloat16") != BASE
     assert fingerprint(DEFAULTS, "datahash", "cuda:torch.float16") != fingerprint(DEFAULTS, "datahash", "cuda:torch.bfloat16")
+
+
+def test_a_checkpoint_write_that_fails_is_one_line_and_the_previous_file_stays(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ctclab import checkpoint, storage
+    from ctclab.errors import CtclabError
+
+    ckpt = {"epoch": 2, "batch": 0, "weights": [1, 2, 3]}
+    checkpoint.write_epoch(ckpt, tmp_path / "models", tmp_path / "resume" / "fp.pt", True, "run1")
+    before = (tmp_path / "models/last.pt").read_bytes()
+
+    def disk_full(path, data):  # os.replace never runs: what a full disk does to the temp file's write
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage, "write_bytes", disk_full)
+    with pytest.raises(CtclabError) as err:
+        checkpoint.write_epoch({**ckpt, "epoch": 3}, tmp_path / "models", tmp_path / "resume" / "fp.pt", True, "run1")
+    message = str(err.value)
+    assert message.endswith("last.pt: could not write the checkpoint (No space left on device); the previous last.pt is intact")
+    assert "\n" not in message and (tmp_path / "models/last.pt").read_bytes() == before

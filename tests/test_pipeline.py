@@ -70,6 +70,7 @@ def test_keys_that_cannot_change_outputs_leave_dvc_status_clean(repro):
     set_param(project, "decode", "workers", 2)
     set_param(project, "tracking", "uri", f"sqlite:///{project / 'elsewhere.db'}")
     set_param(project, "train", "resume", "never")
+    set_param(project, "train", "checkpoint_minutes", 1)
     set_param(project, "data", "synthetic", {**yaml.safe_load(original)["data"]["synthetic"], "workers": 2})
     try:
         status = run(project, sys.executable, "-m", "dvc", "status").stdout

@@ -160,3 +160,34 @@ def test_progress_in_a_log_is_not_a_line_per_batch(tmp_path, processed):
     err = stage(project, "train").stderr
     bars = [piece for piece in err.replace("\r", "\n").splitlines() if "batch" in piece and "epoch " in piece]
     assert 1 <= len(bars) <= 2 * 3, err  # 16 batches per epoch
+
+
+def test_a_non_finite_loss_stops_in_one_line_naming_epoch_batches_and_utterances(tmp_path, processed):
+    from project import stage
+
+    project = project_with_data(tmp_path, processed, {"train": {"epochs": 3, "lr": 1e8, "grad_clip": 1e12}})
+    r = stage(project, "train", check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith("ctclab: error: epoch ") and ": non-finite CTC loss in batch" in last and "(utterances " in last
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    [failed] = mlflow.search_runs(experiment_names=["ctclab"], output_format="list")
+    assert failed.info.status == "FAILED"
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_line_before_training(tmp_path, processed):
+    import socket
+    import time
+
+    from project import stage
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    project = project_with_data(tmp_path, processed, {"tracking": {"uri": f"http://127.0.0.1:{port}"}})
+    t0 = time.monotonic()
+    r = stage(project, "train", check=False)
+    assert time.monotonic() - t0 < 30
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"tracking.uri http://127.0.0.1:{port}: no MLflow server answers there (ConnectionError)" in r.stderr
+    assert not (project / "models/last.pt").exists()  # nothing trained

@@ -34,6 +34,7 @@ from .project import real_root
 # Read once: mlflow.set_tracking_uri() itself exports MLFLOW_TRACKING_URI, so a later read would
 # see our own last choice instead of the user's.
 _USER_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
+SERVER_TIMEOUT_S = 10
 # Without it MLflow 3's UI guesses the experiment's kind and may open the GenAI (traces) view.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -57,10 +58,25 @@ def tracking_uri(configured: str, root: str | Path) -> str:
     return f"sqlite:///{real_root(root) / 'mlflow.db'}"
 
 
+def connect(configured_uri: str, root: str | Path) -> str:
+    """Point MLflow at the store; a server that does not answer is one line within seconds (MLflow
+    itself would retry for minutes), before any training starts."""
+    uri = tracking_uri(configured_uri, root)
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).raise_for_status()
+        except requests.RequestException as err:
+            raise CtclabError(f"tracking.uri {uri}: no MLflow server answers there ({type(err).__name__}); start it, "
+                              "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable one") from None
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def experiment_id(configured_uri: str, experiment: str, root: str | Path) -> str:
     """Point MLflow at the store and return the experiment's id, creating it if needed."""
-    uri = tracking_uri(configured_uri, root)
-    mlflow.set_tracking_uri(uri)
+    uri = connect(configured_uri, root)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
@@ -244,7 +260,7 @@ class ParentRun:
 
 
 def find_parent(configured_uri: str, experiment: str, root: Path, study: str, smoke: bool) -> ParentRun | None:
-    mlflow.set_tracking_uri(tracking_uri(configured_uri, root))
+    connect(configured_uri, root)
     exp = mlflow.MlflowClient().get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -350,7 +366,7 @@ def register(model_id: str, name: str, alias: str, description: str, tags: dict)
 def load_model(configured_uri: str, root: Path, model_uri: str):
     """A logged or registered model (`models:/ctclab-conv_lstm@champion`, `runs:/<id>/model`, …) and
     the metadata training stored with it."""
-    mlflow.set_tracking_uri(tracking_uri(configured_uri, root))
+    connect(configured_uri, root)
     try:
         metadata = mlflow.models.get_model_info(model_uri).metadata or {}
         model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
@@ -367,7 +383,7 @@ def checkpoint_run(configured_uri: str, root: Path, checkpoint: Path) -> str:
     if not checkpoint.is_file():
         raise CtclabError(f"{checkpoint}: no checkpoint; run the train stage first (dvc repro train)")
     digest = storage.sha256_file(checkpoint)
-    mlflow.set_tracking_uri(tracking_uri(configured_uri, root))
+    connect(configured_uri, root)
     found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.checkpoint_sha256 = '{digest}'",
                                order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     if not found:
