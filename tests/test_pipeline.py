@@ -1,6 +1,7 @@
 """The whole DVC pipeline on a tiny embedded corpus, in a throwaway project copy."""
 import csv
 import json
+import shutil
 import sys
 
 import mlflow
@@ -8,12 +9,15 @@ import pytest
 import yaml
 
 from ctclab import tracking
-from project import make_project, run
+from project import REPO, make_project, run
 
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")  # a commit verify finds
     first = run(project, sys.executable, "-m", "ctclab", "run")
     return project, first
 
@@ -44,6 +48,24 @@ def test_second_repro_is_a_no_op(repro):
     project, _ = repro
     out = run(project, sys.executable, "-m", "dvc", "repro").stdout
     assert "Running stage" not in out and "Data and pipelines are up to date" in out
+
+
+def test_verify_reexecutes_the_run_and_says_match(repro):
+    project, _ = repro
+    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
+    out = run(project, sys.executable, "-m", "ctclab", "verify", run_id)
+    assert out.stdout.splitlines() == ["same hardware: bit-identical expected", "MATCH (8 checks)"], out.stdout
+    assert f"verify: run {run_id} (commit " in out.stderr and "re-executing train → evaluate" in out.stderr
+    assert run(project, "git", "worktree", "list").stdout.count("\n") == 1  # the temporary worktree is gone
+    # a commit this repository lacks: one line, exit 2, nothing re-executed
+    client = mlflow.MlflowClient()
+    commit = client.get_run(run_id).data.tags["mlflow.source.git.commit"]
+    client.set_tag(run_id, "mlflow.source.git.commit", "f" * 40)
+    try:
+        bad = run(project, sys.executable, "-m", "ctclab", "verify", run_id, check=False)
+    finally:
+        client.set_tag(run_id, "mlflow.source.git.commit", commit)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "commit ffffffffffff, which this repository" in bad.stderr
 
 
 def test_a_clean_rerun_gives_identical_outs(repro, tmp_path):

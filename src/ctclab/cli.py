@@ -5,6 +5,7 @@
     ctclab ui [--port 5000]        the MLflow UI on the project's tracking store (tracking.uri)
     ctclab study run|report        ablation studies from experiments/<study>.yaml (see ctclab.studies)
     ctclab study promote STUDY     register the study's best variant as ctclab-<arch>@champion
+    ctclab verify RUN              re-execute a recorded run and compare (MATCH or a table of differences)
     ctclab predict --model URI --mfcc DIR [--beam N] > out.csv
                                    decode MFCC files with a logged/registered MLflow model
     ctclab params --schema         the JSON schema of params.yaml
@@ -164,6 +165,16 @@ def cmd_study_promote(a) -> int:
     return 0
 
 
+def cmd_verify(a) -> int:
+    from .config import load_params
+    from .verify import report, verify
+
+    root = repo_root()
+    outcome = verify(root, load_params(root / "params.yaml").tracking.uri, a.run, a.keep)
+    print(report(outcome))
+    return 0 if outcome.match else 1
+
+
 def cmd_predict(a) -> int:
     from .config import load_params
     from .submission import predict
@@ -206,6 +217,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("study")
     q.add_argument("--smoke", action="store_true")
     q.set_defaults(func=cmd_study_promote)
+    p = sub.add_parser("verify", help="re-execute a recorded run (train → evaluate) and compare: MATCH or the differences")
+    p.add_argument("run", help="an MLflow run id, or a DVC experiment / run name")
+    p.add_argument("--keep", action="store_true", help="keep the temporary worktree")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("predict", help="decode a folder of MFCC .npy files with an MLflow model to a submission CSV")
     p.add_argument("--model", required=True, help="e.g. models:/ctclab-conv_lstm@champion or runs:/<run id>/model")
     p.add_argument("--mfcc", required=True, help="a dataset folder (its test split) or a folder of .npy files")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -122,6 +123,7 @@ def provenance_tags(root: Path, data_hash: str, device: str, device_name: str) -
         "device": device,
         "device_name": device_name,
         "cpu_count": str(os.cpu_count()),
+        "cpu_model": cpu_model(),
         "torch_threads": str(torch.get_num_threads()),
         # trainings run side by side with this one (a study's -j): timings compare only at equal values
         "parallel_jobs": os.environ.get("CTCLAB_PARALLEL_JOBS", "1"),
@@ -130,6 +132,17 @@ def provenance_tags(root: Path, data_hash: str, device: str, device_name: str) -
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     return tags
+
+
+def cpu_model() -> str:
+    """The CPU's model name: CPU floats (and so bit-identity) depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pip_freeze() -> str:
@@ -373,6 +386,40 @@ def load_model(configured_uri: str, root: Path, model_uri: str):
     except mlflow.exceptions.MlflowException as err:
         raise CtclabError(f"--model {model_uri}: {str(err).splitlines()[0]} (store {mlflow.get_tracking_uri()})") from None
     return model, metadata
+
+
+def record(run_id: str) -> RunRecord:
+    return _record(mlflow.MlflowClient().get_run(run_id))
+
+
+def find_run(configured_uri: str, root: Path, ref: str) -> RunRecord:
+    """A training run by id, or by DVC experiment name / run name (newest first); a study child that
+    reused another variant's training stands for that training."""
+    connect(configured_uri, root)
+    client = mlflow.MlflowClient()
+    run = None
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        try:
+            run = client.get_run(ref)
+        except mlflow.exceptions.MlflowException:
+            run = None
+    for key in ("tags.dvc_exp_name", "attributes.run_name"):
+        if run is None:
+            found = mlflow.search_runs(search_all_experiments=True, filter_string=f"{key} = '{ref}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+            run = found[0] if found else None
+    if run is None:
+        raise CtclabError(f"{ref}: no MLflow run with that id, DVC experiment name or run name in {mlflow.get_tracking_uri()}")
+    training = run.data.tags.get("training_run_id")
+    return record(training) if training else _record(run)
+
+
+def run_text(run_id: str, path: str) -> str:
+    """A text artifact of a run, or "" when it has none."""
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+    except Exception:  # MLflow raises several kinds for a missing artifact
+        return ""
 
 
 def checkpoint_run(configured_uri: str, root: Path, checkpoint: Path) -> str:

@@ -1,0 +1,189 @@
+"""Re-execute a recorded training and say whether it gives the same answer.
+
+    ctclab verify RUN        # an MLflow run id, or a DVC experiment / run name
+
+Reads the run's commit, params, data hash and hardware from MLflow; checks the commit out in a
+temporary git worktree (applying the recorded `git diff` when the tree was dirty), writes the
+recorded params into its params.yaml with a tracking store of its own, takes the data from this
+repository when its hash matches (else fetches and preprocesses there and refuses if the hash
+differs), runs train → evaluate, and compares the checkpoint's sha256 and the scores. On the same
+hardware (CPU model, torch version and threads, device) everything must be bit-identical; on other
+hardware the scores must agree within TOLERANCE (CPU floats differ across machines). Prints MATCH
+or a table of differences; exits 1 on a mismatch, 2 when it cannot verify.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import tracking
+from .errors import CtclabError
+from .project import tool_env
+
+# Relative tolerance for scores re-executed on other hardware.
+TOLERANCE = 0.10
+SCORES = ("best_dev_lev_greedy", "eval_dev_lev_greedy", "eval_dev_lev_beam", "eval_dev_per", "eval_dev_per_greedy")
+CURVES = ("train_loss", "dev_lev_greedy")
+HARDWARE = ("cpu_model", "device", "device_name", "torch_version", "torch_threads")
+
+
+@dataclass
+class Outcome:
+    rows: list[tuple[str, str, str, bool]]  # what, recorded, re-executed, equal
+    same_hardware: bool
+    hardware_note: str
+
+    @property
+    def match(self) -> bool:
+        return all(ok for *_, ok in self.rows)
+
+
+def typed(recorded: str, like):
+    """An MLflow param (a string) as the type params.yaml has for it."""
+    if isinstance(like, bool):
+        return recorded == "True"
+    if isinstance(like, (int, float)):  # an int in params.yaml may be a float key (10 for 10.0)
+        value = float(recorded)
+        return int(value) if isinstance(like, int) and value.is_integer() else value
+    return recorded
+
+
+def write_params(worktree: Path, recorded: dict, beam_width: str | None, store: str) -> None:
+    """The commit's params.yaml with the run's recorded values, its own tracking store, no study."""
+    path = worktree / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for key, value in recorded.items():
+        node, *parents = raw, *key.split(".")[:-1]
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        leaf = key.split(".")[-1]
+        if isinstance(node, dict) and leaf in node and not key.startswith("tracking."):
+            node[leaf] = typed(value, node[leaf])
+    if beam_width is not None:
+        raw["decode"]["beam_width"] = int(beam_width)
+    raw["tracking"]["uri"] = store
+    raw["study"] = {k: "" for k in raw.get("study", {})}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def compare(recorded, recorded_curves: dict, again, again_curves: dict) -> Outcome:
+    """Recorded run vs re-executed run (tracking RunRecords) and their per-epoch curves."""
+    rec_hw = {k: recorded.tags.get(k, "?") for k in HARDWARE}
+    new_hw = {k: again.tags.get(k, "?") for k in HARDWARE}
+    same = rec_hw == new_hw
+    note = ("same hardware: bit-identical expected" if same else
+            "different hardware (" + "; ".join(f"{k} {rec_hw[k]} → {new_hw[k]}" for k in HARDWARE
+                                                 if rec_hw[k] != new_hw[k]) +
+            f"): scores compared within ±{TOLERANCE:.0%}, not bit for bit")
+    rows = []
+    if same:
+        a, b = recorded.tags.get("checkpoint_sha256", "?"), again.tags.get("checkpoint_sha256", "?")
+        rows.append(("checkpoint sha256", a[:16], b[:16], a == b))
+    for key in SCORES:
+        a, b = recorded.metrics.get(key), again.metrics.get(key)
+        ok = a is not None and b is not None and (a == b if same else abs(a - b) <= TOLERANCE * max(abs(a), 1e-9))
+        rows.append((key, _fmt(a), _fmt(b), ok))
+    for key in CURVES if same else ():
+        a, b = recorded_curves.get(key, []), again_curves.get(key, [])
+        rows.append((f"{key} per epoch ({len(a)})", _fmt(a[-1] if a else None), _fmt(b[-1] if b else None), a == b))
+    return Outcome(rows, same, note)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.6f}"
+
+
+def table(outcome: Outcome) -> str:
+    lines = ["| what | recorded | re-executed | |", "|---|---|---|---|"]
+    lines += [f"| {what} | {a} | {b} | {'same' if ok else 'DIFFERS'} |" for what, a, b, ok in outcome.rows]
+    return "\n".join(lines)
+
+
+def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and r.returncode:
+        raise CtclabError(f"git {' '.join(args[:2])} failed in {root}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    return r
+
+
+def _stage(worktree: Path, name: str) -> None:
+    env = {**tool_env(), "PYTHONPATH": str(worktree / "src")}  # the recorded commit's code, not this checkout's
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, f"pipeline/{name}.py"], cwd=worktree, env=env, capture_output=True, text=True)
+    if r.returncode:
+        last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise CtclabError(f"verify: the {name} stage failed in {worktree}: {last[0]}")
+
+
+def prepare(root: Path, worktree: Path, run, data_hash: str) -> str:
+    """Data for the worktree: this repository's shards when their hash matches, else fetched and
+    preprocessed there. Returns how it got them."""
+    import json
+
+    here = root / "data" / "processed"
+    meta = json.loads((here / "meta.json").read_text()) if (here / "meta.json").is_file() else {}
+    if meta.get("data_hash") == data_hash:
+        shutil.copytree(here, worktree / "data" / "processed")
+        return f"data {data_hash[:12]} from {here}"
+    _stage(worktree, "fetch")
+    _stage(worktree, "preprocess")
+    made = json.loads((worktree / "data/processed/meta.json").read_text())["data_hash"]
+    if made != data_hash:
+        raise CtclabError(f"verify: run {run.run_id} trained on data {data_hash[:12]}, but its params now give data "
+                          f"{made[:12]}; cannot verify on other data")
+    return f"data {data_hash[:12]} re-made by fetch + preprocess"
+
+
+def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) -> Outcome:
+    run = tracking.find_run(configured_uri, root, run_ref)
+    commit = run.tags.get("mlflow.source.git.commit") or run.tags.get("git_commit") or "unknown"
+    if commit == "unknown" or _git(root, "cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode:
+        raise CtclabError(f"verify: run {run.run_id} was recorded at commit {commit[:12]}, which this repository "
+                          "does not have; fetch it first")
+    data_hash = run.tags.get("data_hash", "")
+    diff = tracking.run_text(run.run_id, "environment/git.diff") if run.tags.get("git_dirty") == "true" else ""
+    if run.tags.get("git_dirty") == "true" and not diff:
+        raise CtclabError(f"verify: run {run.run_id} was trained from a dirty tree and logged no git diff; its code "
+                          "cannot be re-created")
+    worktree = Path(tempfile.mkdtemp(prefix="ctclab-verify-")) / "tree"
+    _git(root, "worktree", "add", "--detach", str(worktree), commit)
+    try:
+        if diff:
+            (worktree / ".recorded.diff").write_text(diff)
+            _git(worktree, "apply", ".recorded.diff")
+        store = f"sqlite:///{worktree / 'verify.db'}"
+        write_params(worktree, run.params, run.tags.get("decode.beam_width"), store)
+        t0 = time.monotonic()
+        how = prepare(root, worktree, run, data_hash)
+        print(f"verify: run {run.run_id} (commit {commit[:12]}{', with its diff' if diff else ''}; {how}); "
+              f"re-executing train → evaluate in {worktree}", file=sys.stderr, flush=True)
+        for stage in ("train", "evaluate"):
+            _stage(worktree, stage)
+        again = tracking.record(tracking.checkpoint_run(store, worktree, worktree / "models/best.pt"))
+        print(f"verify: re-executed in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        curves = {k: [v for _, v in tracking.metric_history(again.run_id, k)] for k in CURVES}
+        tracking.connect(configured_uri, root)
+        recorded_curves = {k: [v for _, v in tracking.metric_history(run.run_id, k)] for k in CURVES}
+        return compare(run, recorded_curves, again, curves)
+    finally:
+        tracking.connect(configured_uri, root)
+        if not keep:
+            _git(root, "worktree", "remove", "--force", str(worktree), check=False)
+            shutil.rmtree(worktree.parent, ignore_errors=True)
+
+
+def report(outcome: Outcome) -> str:
+    lines = [outcome.hardware_note]
+    if outcome.match:
+        lines.append(f"MATCH ({len(outcome.rows)} checks)")
+    else:
+        lines += ["MISMATCH", table(outcome)]
+    return os.linesep.join(lines)
