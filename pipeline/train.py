@@ -12,7 +12,8 @@ from ctclab.train import train
 # continues, train.loader_workers only how fast batches arrive, tracking.* and study.* only where and
 # under which name the run is logged.
 PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer", "train.weight_decay",
-          "train.scheduler", "train.grad_clip", "train.seed", "train.device", "train.amp", "train.specaugment"]
+          "train.scheduler", "train.grad_clip", "train.seed", "train.device", "train.amp", "train.oom",
+          "train.specaugment"]
 
 
 @one_line_errors

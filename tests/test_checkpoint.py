@@ -17,7 +17,7 @@ def changed(key, value):
     if isinstance(value, float):
         return 0.5 if key.startswith("model.dropout") else value * 2 + 0.1
     choices = {"model.arch": "conv_lstm", "train.optimizer": "adamw", "train.scheduler": "plateau",
-               "train.device": "cpu", "train.amp": "off", "train.resume": "never"}
+               "train.device": "cpu", "train.amp": "off", "train.resume": "never", "train.oom": "fail"}
     return choices[key]
 
 

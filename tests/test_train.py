@@ -11,6 +11,7 @@ from ctclab.config import load_params
 from ctclab.data import preprocess
 from ctclab.batching import bucket_batches
 from ctclab.checkpoint import RESUME_DIR
+from ctclab.errors import CtclabError
 from ctclab.inference import load_checkpoint, load_model
 from project import NEUTRAL, interrupt_training, merge, project_with_data, run_train
 
@@ -191,3 +192,65 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line_before_training(tmp_p
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"tracking.uri http://127.0.0.1:{port}: no MLflow server answers there (ConnectionError)" in r.stderr
     assert not (project / "models/last.pt").exists()  # nothing trained
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient(processed):
+    from torch import nn
+
+    from ctclab import models
+    from ctclab.batching import collate
+    from ctclab.data import Shard
+    from ctclab.train import fitting_backward
+    from project import config
+
+    torch.manual_seed(0)
+    model = models.build(config("model", hidden=16, embed_dim=16), 13).eval()  # eval: no dropout, BatchNorm fixed
+    batch = collate(Shard(processed / "train"), [0, 3, 5, 7, 9])
+    ctc, scaler = nn.CTCLoss(blank=0, reduction="mean"), torch.amp.GradScaler("cuda", enabled=False)
+    optimizer = torch.optim.Adam(model.parameters())
+    whole = fitting_backward(model, batch, ctc, scaler, None, "split", optimizer)
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    real_forward = models.CTCModel.forward
+
+    def small_memory(self, x, lengths):  # a device that holds at most 2 utterances
+        calls.append(len(x))
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("injected")
+        return real_forward(self, x, lengths)
+
+    optimizer.zero_grad()
+    models.CTCModel.forward = small_memory
+    try:
+        split = fitting_backward(model, batch, ctc, scaler, None, "split", optimizer)
+    finally:
+        models.CTCModel.forward = real_forward
+    assert calls == [5, 3, 2, 2, 1]  # 5 fails, 3 fails, then micro-batches of ≤ 2
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_out_of_memory_splits_or_stops_in_one_line(tmp_path, processed, monkeypatch, capsys):
+    from ctclab import models
+
+    real_forward = models.CTCModel.forward
+
+    def small_memory(self, x, lengths):
+        if self.training and len(x) > 2:
+            raise torch.OutOfMemoryError("injected")
+        return real_forward(self, x, lengths)
+
+    monkeypatch.setattr(models.CTCModel, "forward", small_memory)
+    project = project_with_data(tmp_path / "split", processed, {"train": {"epochs": 1, "batch_size": 4}})
+    assert run_train(project)["epochs"] == 1
+    err = capsys.readouterr().err
+    assert "train: out of memory on a batch of 4 utterances (longest " in err
+    assert "retrying as micro-batches of ≤ 2 with accumulated gradients (same effective batch)" in err
+
+    stop = project_with_data(tmp_path / "fail", processed, {"train": {"epochs": 1, "batch_size": 4, "oom": "fail"}})
+    with pytest.raises(CtclabError) as e:
+        run_train(stop)
+    assert str(e.value).startswith("train: out of memory on a batch of 4 utterances (longest ")
+    assert "parameters); lower train.batch_size" in str(e.value) and "\n" not in str(e.value)

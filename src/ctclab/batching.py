@@ -53,6 +53,19 @@ class Batch:
                      self.targets.to(device, non_blocking=True), self.target_lengths, self.labels)
 
 
+    def chunks(self, size: int) -> list["Batch"]:
+        """Consecutive micro-batches of at most `size` utterances, padded as in the whole batch (the
+        conv front end lets padding reach the frames next to it, so trimming it would change them)."""
+        ends = torch.cumsum(self.target_lengths, 0).tolist()
+        out = []
+        for i in range(0, len(self.labels), size):
+            j = min(i + size, len(self.labels))
+            start, stop = (ends[i - 1] if i else 0), ends[j - 1]
+            out.append(Batch(self.features[i:j], self.lengths[i:j],
+                             self.targets[start:stop], self.target_lengths[i:j], self.labels[i:j]))
+        return out
+
+
 def collate_items(items: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) -> Batch:
     """Pad (features [T, D], labels) pairs into one Batch."""
     lengths = torch.tensor([len(x) for x, _ in items])

@@ -122,6 +122,7 @@ class TrainConfig(Section):
     loader_workers: NonNegativeInt  # DataLoader processes collating batches ahead (speed only)
     resume: Literal["auto", "never"]
     checkpoint_minutes: Annotated[float, Field(gt=0.0)]  # a mid-epoch resume checkpoint at least this often
+    oom: Literal["split", "fail"]  # out of memory: retry the batch as micro-batches, or stop
     specaugment: SpecAugmentConfig
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, models, storage, tracking
-from .batching import bucket_batches, feasible, loader
+from .batching import Batch, bucket_batches, feasible, loader
 from .config import Params, TrainConfig, flatten
 from .data import Shard
 from .errors import CtclabError
@@ -127,6 +127,39 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+def backward(model, batch: Batch, ctc, scaler, dtype, weight: float) -> torch.Tensor:
+    """Forward, CTC loss and backward of `weight` × the loss (gradients accumulate); the loss."""
+    with torch.autocast(batch.features.device.type, dtype=dtype, enabled=dtype is not None):
+        log_probs, out_lengths = model(batch.features, batch.lengths)
+    # CTC in float32 whatever autocast chose: log_probs leave the model as float32
+    loss = ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
+    scaler.scale(loss * weight).backward()
+    return loss.detach()
+
+
+def fitting_backward(model, batch: Batch, ctc, scaler, dtype, oom: str, optimizer) -> torch.Tensor:
+    """Gradients of the batch's mean loss. Out of memory, with train.oom: split, the batch goes
+    through again as micro-batches of half the size (and half again…), each loss weighted by its
+    share, so the accumulated gradient is the whole batch's (BatchNorm sees smaller batches)."""
+    size, n = len(batch.labels), len(batch.labels)
+    while True:
+        try:
+            return sum(backward(model, part, ctc, scaler, dtype, len(part.labels) / n) * (len(part.labels) / n)
+                       for part in batch.chunks(size))
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            if batch.features.is_cuda:
+                torch.cuda.empty_cache()
+            where = (f"out of memory on a batch of {n} utterances (longest {int(batch.lengths.max())} frames, "
+                     f"{models.parameter_count(model):,} parameters)")
+            if oom == "fail" or size == 1:
+                raise CtclabError(f"train: {where}{' even one at a time' if size == 1 else ''}; lower "
+                                  "train.batch_size or model size (or set train.oom: split)") from None
+            size = (size + 1) // 2
+            print(f"train: {where}; retrying as micro-batches of ≤ {size} with accumulated gradients "
+                  "(same effective batch)", file=sys.stderr)
+
+
 def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, cfg: TrainConfig,
                 aug_gen: torch.Generator, device: torch.device, desc: str, progress: bool,
                 start: int = 0, done: tuple[float, int] = (0.0, 0), after_batch=None) -> tuple[float, int]:
@@ -151,11 +184,9 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
     for step, batch in enumerate(bar, start + 1):
         batch.features = spec_augment(batch.features, batch.lengths, cfg.specaugment, aug_gen)
         batch = batch.to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            log_probs, out_lengths = model(batch.features, batch.lengths)
-        # CTC in float32 whatever autocast chose: log_probs leave the model as float32
-        loss = ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
-        loss_sum += loss.detach().double() * len(batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss = fitting_backward(model, batch, ctc, scaler, dtype, cfg.oom, optimizer)
+        loss_sum += loss.double() * len(batch.labels)
         seen += len(batch.labels)
         if step % sync_every == 0 or step == len(batches):
             total = loss_sum.item()
@@ -168,8 +199,6 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
                                   "before are kept; lower train.lr or check those utterances")
             # refresh=False: in a log (not a terminal) the bar then writes at most every mininterval
             bar.set_postfix(loss=f"{total / seen:.3f}", utt_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
