@@ -48,12 +48,13 @@ def test_smoke_study_two_variants_two_seeds(tmp_path):
     for seed in (0, 1):
         name = f"kaiming_smoke-broken-s{seed}-smoke"
         assert f"FAILED {name}: see its log with `dvc queue logs {name}`" in out
-    assert "MLflow UI: http://127.0.0.1:5000/#/experiments/" in out
+    ui = "MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     runs = all_runs(project, "ctclab/kaiming_smoke-smoke")  # the study's own experiment
     assert all_runs(project, "ctclab") == []  # plain `dvc repro` runs only
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("ctclab/kaiming_smoke-smoke")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert ui.format(experiment_id=experiment.experiment_id) in out  # opens the model-training view
     parents = [r for r in runs if r.data.tags.get("ctclab_study_parent") == "kaiming_smoke"]
     assert len(parents) == 1
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]

@@ -94,10 +94,13 @@ def experiment_id(configured_uri: str, experiment: str, root: str | Path) -> str
 
 def ui_address(experiment_id_: str) -> str:
     """Where the experiment opens in the MLflow UI: the server itself, or `ctclab ui` for a local store."""
+    # workflowType: MLflow 3.17's UI picks GenAI or model-training pages from a browser-wide switch
+    # (GenAI unless changed), not from the experiment's kind tag; the parameter sets it.
+    page = f"#/experiments/{experiment_id_}/runs?workflowType=machine_learning"
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id_}"
-    return f"http://127.0.0.1:5000/#/experiments/{experiment_id_} (after `ctclab ui`)"
+        return f"{uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (after `ctclab ui`)"
 
 
 def _git(root: Path, *args: str) -> str:
