@@ -54,6 +54,7 @@ class Progress:
     batch: int = 0
     loss_sum: float = 0.0
     seen: int = 0
+    unsent: list = field(default_factory=list)  # (metrics, step) a lost tracking server has not taken yet
 
 
 def state(model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device: torch.device,
@@ -62,6 +63,7 @@ def state(model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(), "epoch": progress.epoch, "history": progress.history,
             "best": progress.best, "batch": progress.batch, "loss_sum": progress.loss_sum, "seen": progress.seen,
+            "unsent": progress.unsent,
             "rng": {"torch": torch.get_rng_state(), "augment": aug_gen.get_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
 
@@ -115,7 +117,7 @@ def resume(resume_path: Path, model, optimizer, scheduler, scaler, aug_gen: torc
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     run_id = json.loads(run_file.read_text())["mlflow_run_id"]
     return Progress(saved["epoch"], saved["best"], saved["history"], run_id, saved.get("batch", 0),
-                    saved.get("loss_sum", 0.0), saved.get("seen", 0))
+                    saved.get("loss_sum", 0.0), saved.get("seen", 0), saved.get("unsent", []))
 
 
 def clear(resume_path: Path) -> None:

@@ -36,6 +36,8 @@ from .project import real_root
 # see our own last choice instead of the user's.
 _USER_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
 SERVER_TIMEOUT_S = 10
+# What a tracking server that went away raises (after MLflow's retries, which connect() shortens).
+UNREACHABLE = (mlflow.exceptions.MlflowException, OSError)
 # Without it MLflow 3's UI guesses the experiment's kind and may open the GenAI (traces) view.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -71,6 +73,10 @@ def connect(configured_uri: str, root: str | Path) -> str:
         except requests.RequestException as err:
             raise CtclabError(f"tracking.uri {uri}: no MLflow server answers there ({type(err).__name__}); start it, "
                               "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable one") from None
+        # MLflow's defaults (7 retries, doubling from 2 s) would stall a training for minutes per call
+        # once the server is lost; a value the user set is kept.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -167,6 +173,7 @@ class RunLog:
     def __init__(self, run):
         self._run = run
         self.run_id = run.info.run_id
+        self._warned = False
 
     @property
     def uri(self) -> str:
@@ -174,6 +181,22 @@ class RunLog:
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step)
+
+    def send(self, pending: list) -> bool:
+        """Log queued (metrics, step) pairs in order, removing each one sent; False (and a line, once)
+        when the store cannot be reached — the rest stay queued for the next call."""
+        while pending:
+            metrics, step = pending[0]
+            try:
+                mlflow.log_metrics(metrics, step=step)
+            except UNREACHABLE as err:
+                if not self._warned:
+                    print(f"tracking: {mlflow.get_tracking_uri()} unreachable ({type(err).__name__}); training goes "
+                          "on and keeps its metrics in the checkpoint until the store answers", file=sys.stderr)
+                    self._warned = True
+                return False
+            pending.pop(0)
+        return True
 
     def log_params(self, params: dict) -> None:
         mlflow.log_params(params)
@@ -221,7 +244,12 @@ class RunLog:
         return self
 
     def __exit__(self, *exc):
-        return self._run.__exit__(*exc)
+        try:
+            return self._run.__exit__(*exc)
+        except UNREACHABLE:
+            if exc[0] is None:
+                raise
+            return False  # the store is gone: the error that ended the run matters more than this one
 
 
 def training_run(configured_uri: str, experiment: str, root: Path, resume_run_id: str | None,

@@ -305,7 +305,8 @@ def run_epoch(t: Training, epoch: int, run: tracking.RunLog, stop: StopSignals, 
            "dev_lev_greedy": round(s.mean_distance, 6), "dev_per": round(s.per, 6),
            "lr": t.optimizer.param_groups[0]["lr"]}
     timing = {"epoch_seconds": time.perf_counter() - t0, "utterances_per_second": seen / train_seconds}
-    run.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, **timing}, step=epoch + 1)
+    state.unsent.append(({**{k: v for k, v in row.items() if k != "epoch"}, **timing}, epoch + 1))
+    run.send(state.unsent)  # a lost tracking server must not stop the training
     print(f"{desc}: train loss {row['train_loss']:.3f}, dev loss {dev_loss:.3f}, dev greedy distance "
           f"{s.mean_distance:.3f}, PER {s.per:.1%} ({timing['epoch_seconds']:.0f} s)", file=sys.stderr)
     improved = s.mean_distance < state.best
@@ -366,6 +367,13 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
             run.end("KILLED")
             raise
         summary = summarize(state.history, models.parameter_count(t.model), infeasible)
-        write_outputs(state.history, summary, run, out_dir, metrics_dir, meta)
+        try:
+            if not run.send(state.unsent):
+                raise tracking.UNREACHABLE[0]("unsent metrics")
+            write_outputs(state.history, summary, run, out_dir, metrics_dir, meta)
+        except tracking.UNREACHABLE as err:
+            raise CtclabError(f"train: finished all {t.cfg.epochs} epochs, but the tracking store {run.uri} cannot "
+                              f"be reached ({type(err).__name__}); {t.resume_path} keeps the training and its unsent "
+                              "metrics: run `dvc repro` again once the store answers to log them") from None
     checkpoint.clear(t.resume_path)
     return {**summary, "mlflow_run_id": state.run_id}
