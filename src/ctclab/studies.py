@@ -219,10 +219,8 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     if queued:
         # Workers exit by themselves once the queue is empty. No `dvc queue stop` here: a stop
         # request can outlive this call and shut down the workers of the next study mid-queue.
-        # The workers outlive this call: they must not hold our output pipes, or we wait on them.
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root,
-                       env=worker_env(jobs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        dead_since = None
+        start_workers(root, jobs)
+        dead_since, restarted = None, False
         while True:
             states, workers = queue_states(root, queued)
             pending = [n for n, s in states.items() if s in ("Queued", "Running", None)]
@@ -230,17 +228,31 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
             if not pending:
                 break
             # DVC's queue can lose a worker, or leave a failed experiment marked Running after its
-            # worker exited: with no worker alive for WORKERLESS_SECONDS, nothing will finish.
+            # worker exited: with no worker alive for WORKERLESS_SECONDS, nothing will finish. Queued
+            # experiments get new workers once; orphaned "Running" ones cannot be helped.
             dead_since = None if workers else (dead_since or time.monotonic())
             if dead_since and time.monotonic() - dead_since > WORKERLESS_SECONDS:
-                print(f"study {study.name}: no DVC queue worker alive for {WORKERLESS_SECONDS} s; stopped waiting for "
-                      f"{', '.join(pending)}", flush=True)
-                break
+                waiting = [n for n in pending if states[n] in ("Queued", None)]
+                if waiting and not restarted:
+                    print(f"study {study.name}: no DVC queue worker alive for {WORKERLESS_SECONDS} s with {len(waiting)} "
+                          "experiments queued; starting workers again (once)", flush=True)
+                    start_workers(root, jobs)
+                    dead_since, restarted = None, True
+                else:
+                    print(f"study {study.name}: no DVC queue worker alive for {WORKERLESS_SECONDS} s; stopped waiting for "
+                          f"{', '.join(pending)}", flush=True)
+                    break
             time.sleep(poll_seconds)
     states = queue_states(root, queued)[0] if queued else {}
     failed = sorted(n for n, s in states.items() if s != "Success")
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
             "parent_run_id": parent.run_id, "ui": tracking.ui_address(parent.experiment_id)}
+
+
+def start_workers(root: Path, jobs: int) -> None:
+    # The workers outlive this call: they must not hold our output pipes, or we wait on them.
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root,
+                   env=worker_env(jobs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
 def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], bool]:
