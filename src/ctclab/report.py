@@ -166,7 +166,7 @@ def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison
     ids = ", ".join(f"`{rs[s].run_id[:8]}`" for s in sorted(rs))
     return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {p} | {word} | "
             f"{first.params.get('parameter_count', first.tags.get('parameter_count', '?'))} | "
-            f"{train_s:.0f} | {_contention(rs)} | {decode:.0f} | {ids} |")
+            f"{train_s:.{0 if train_s >= 10 else 1}f} | {_contention(rs)} | {decode:.0f} | {ids} |")
 
 
 def _plot_curves(study: Study, by_variant: dict, png: Path) -> None:
