@@ -1,4 +1,6 @@
 """Studies end to end through the real DVC queue and MLflow, on a tiny project copy."""
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import yaml
 from ctclab import report, studies
 from ctclab.errors import CtclabError
 from conftest import make_fall2022, make_spring2022
-from project import REPO, make_project, run
+from project import REPO, env, make_project, run
 
 SMOKE = {"seeds": [0, 1], "params": {"data.synthetic.train": 12, "data.synthetic.dev": 4, "data.synthetic.test": 2,
                                      "train.epochs": 1, "model.hidden": 8, "model.embed_dim": 8}}
@@ -106,6 +108,16 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
                           {"name": "b8", "params": {"decode.beam_width": 8}}],
              "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
     project = committed_project(tmp_path, study)
+    # Ctrl-C while the runner waits: one line; the queued experiments go on, and the same command
+    # run again waits for them instead of queueing them twice
+    runner = subprocess.Popen([sys.executable, "-m", "ctclab", "study", "run", "experiments/beam_smoke.yaml", "--smoke",
+                               "-j", "1"], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "2 experiments queued" in runner.stdout.readline()
+    runner.send_signal(signal.SIGINT)
+    _, err = runner.communicate(timeout=300)
+    assert runner.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "study beam_smoke: stopped waiting; queued experiments go on in DVC's queue (`dvc queue status`). "
+        "Run the same command again to wait for them and write the report."), err
     out = study_cli(project, "run", "experiments/beam_smoke.yaml", "--smoke", "-j", "1").stdout
     assert "2 ran" in out and "0 failed" in out, out
     runs = all_runs(project, "ctclab/beam_smoke-smoke")

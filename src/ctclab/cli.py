@@ -136,7 +136,12 @@ def cmd_study_run(a) -> int:
 
     root = repo_root()
     study = studies.load(a.study, root / "params.yaml")
-    result = studies.run_study(study, root, a.jobs, tuple(a.seeds) if a.seeds else None, a.smoke)
+    try:
+        result = studies.run_study(study, root, a.jobs, tuple(a.seeds) if a.seeds else None, a.smoke)
+    except KeyboardInterrupt:
+        print(f"study {study.name}: stopped waiting; queued experiments go on in DVC's queue (`dvc queue status`). "
+              "Run the same command again to wait for them and write the report.", file=sys.stderr)
+        return 130
     print(f"study {study.name}: {len(result['queued']) - len(result['failed'])} ran, {len(result['skipped'])} skipped "
           f"(already complete), {len(result['failed'])} failed in {result['seconds']:.0f} s; parent MLflow run "
           f"{result['parent_run_id']}; MLflow UI: {result['ui']}")

@@ -175,14 +175,20 @@ def finished(child: tracking.RunRecord, metric: str) -> bool:
 
 
 def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent: tracking.ParentRun):
-    """Queue every variant × seed without a finished child run; return (queued, skipped) names."""
+    """Queue every variant × seed without a finished child run; return (queued, skipped) names.
+    One still queued or running from an interrupted `ctclab study run` is waited for, not queued again."""
     done = {(c.tags.get("variant"), c.tags.get("seed")) for c in tracking.children(parent) if finished(c, study.metric)}
+    names = [study.exp_name(v, s, smoke) for v in study.variants for s in seeds]
+    in_queue = {n for n, state in queue_states(root, names)[0].items() if state in ("Queued", "Running")}
     queued, skipped = [], []
     for v in study.variants:
         for s in seeds:
             name = study.exp_name(v, s, smoke)
             if (v.name, str(s)) in done:
                 skipped.append(name)
+                continue
+            if name in in_queue:
+                queued.append(name)
                 continue
             _dvc(root, "exp", "remove", name, check=False)  # a failed earlier attempt keeps the name
             overrides = {**study.overrides(v, s, smoke), "study.name": study.name, "study.variant": v.name,
@@ -219,7 +225,8 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     if queued:
         # Workers exit by themselves once the queue is empty. No `dvc queue stop` here: a stop
         # request can outlive this call and shut down the workers of the next study mid-queue.
-        start_workers(root, jobs)
+        if queue_states(root, [])[1] is not True:  # workers of an interrupted earlier run may still be at it
+            start_workers(root, jobs)
         dead_since, restarted = None, False
         while True:
             states, workers = queue_states(root, queued)
@@ -230,7 +237,7 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
             # DVC's queue can lose a worker, or leave a failed experiment marked Running after its
             # worker exited: with no worker alive for WORKERLESS_SECONDS, nothing will finish. Queued
             # experiments get new workers once; orphaned "Running" ones cannot be helped.
-            dead_since = None if workers else (dead_since or time.monotonic())
+            dead_since = None if workers is not False else (dead_since or time.monotonic())  # None: unknown
             if dead_since and time.monotonic() - dead_since > WORKERLESS_SECONDS:
                 waiting = [n for n in pending if states[n] in ("Queued", None)]
                 if waiting and not restarted:
@@ -255,9 +262,9 @@ def start_workers(root: Path, jobs: int) -> None:
                    env=worker_env(jobs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
-def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], bool]:
+def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], bool | None]:
     """Each named experiment's queue status (Queued, Running, Success, Failed) and whether any queue
-    worker is alive, from `dvc queue status` ("Worker status: N active, M idle")."""
+    worker is alive (None when `dvc queue status` does not say: "Worker status: N active, M idle")."""
     out = _dvc(root, "queue", "status", check=False).stdout
     states: dict[str, str | None] = dict.fromkeys(names)
     workers = re.search(r"Worker status: (\d+) active, (\d+) idle", out)
@@ -265,4 +272,4 @@ def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], b
         cols = line.split()
         if len(cols) >= 2 and cols[1] in states:
             states[cols[1]] = cols[-1]
-    return states, workers is None or int(workers.group(1)) + int(workers.group(2)) > 0
+    return states, None if workers is None else int(workers.group(1)) + int(workers.group(2)) > 0
