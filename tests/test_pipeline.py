@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import yaml
 
-from ctclab import tracking
+from ctclab import submission, tracking
 from project import REPO, make_project, run
 
 
@@ -124,9 +124,12 @@ def test_predict_with_the_logged_model_reproduces_the_submission(repro):
     project, _ = repro
     run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
     [logged] = mlflow.get_run(run_id).outputs.model_outputs
-    for uri in (f"models:/{logged.model_id}", f"runs:/{run_id}/model"):
-        out = run(project, sys.executable, "-m", "ctclab", "predict", "--model", uri, "--mfcc", "data/raw").stdout
-        assert out == (project / "submission/submission.csv").read_text()
+    out = run(project, sys.executable, "-m", "ctclab", "predict", "--model", f"models:/{logged.model_id}", "--mfcc",
+              "data/raw").stdout
+    assert out == (project / "submission/submission.csv").read_text()
+    by_run, _ = tracking.load_model(f"sqlite:///{project / 'mlflow.db'}", project, f"runs:/{run_id}/model")
+    beam = yaml.safe_load((project / "params.yaml").read_text())["decode"]["beam_width"]
+    assert submission.predict(by_run, project / "data/raw", beam, 1) == out  # the same model through its run
     bad = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/nope@champion", "--mfcc",
               "data/raw", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--model models:/nope@champion" in bad.stderr

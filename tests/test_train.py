@@ -96,13 +96,20 @@ def test_rerun_is_bit_identical_on_cpu(tmp_path, processed):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_training_stopped_mid_epoch_resumes_to_the_same_weights_in_the_same_run(tmp_path, processed, sig):
-    # checkpoint_minutes tiny: a resume checkpoint after every batch (it cannot change the result)
-    over = {"train": {"epochs": 3, "batch_size": 2, "specaugment": {"time_masks": 1}}, "model": {"hidden": 32}}
-    reference = project_with_data(tmp_path / "reference", processed, over)
-    run_train(reference)
+STOPPED = {"train": {"epochs": 3, "batch_size": 2, "specaugment": {"time_masks": 1}}, "model": {"hidden": 32}}
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(processed, tmp_path_factory):
+    reference = project_with_data(tmp_path_factory.mktemp("uninterrupted"), processed, STOPPED)
+    run_train(reference)
+    return reference
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_training_stopped_mid_epoch_resumes_to_the_same_weights_in_the_same_run(tmp_path, processed, uninterrupted, sig):
+    # checkpoint_minutes tiny: a resume checkpoint after every batch (it cannot change the result)
+    over, reference = STOPPED, uninterrupted
     project = project_with_data(tmp_path / "stopped", processed, merge(over, {"train": {"checkpoint_minutes": 1e-6}}))
     code, err, where = interrupt_training(project, sig)
     assert where["batch"] > 0 and not (project / "metrics/train.json").exists()
@@ -157,10 +164,10 @@ def test_progress_in_a_log_is_not_a_line_per_batch(tmp_path, processed):
     """Piped (not a terminal), the bar refreshes at most every 30 s: a couple of lines per epoch."""
     from project import stage
 
-    project = project_with_data(tmp_path, processed, {"train": {"epochs": 2, "batch_size": 1}})
+    project = project_with_data(tmp_path, processed, {"train": {"epochs": 1, "batch_size": 1}})
     err = stage(project, "train").stderr
     bars = [piece for piece in err.replace("\r", "\n").splitlines() if "batch" in piece and "epoch " in piece]
-    assert 1 <= len(bars) <= 2 * 3, err  # 16 batches per epoch
+    assert 1 <= len(bars) <= 3, err  # 16 batches in the epoch
 
 
 def test_a_non_finite_loss_stops_in_one_line_naming_epoch_batches_and_utterances(tmp_path, processed):
@@ -292,7 +299,7 @@ def test_a_tracking_server_lost_mid_training_loses_nothing(tmp_path, processed):
         os.killpg(server.pid, 9)
         server.wait()
 
-    project = project_with_data(tmp_path / "p", processed, {"train": {"epochs": 6}, "tracking": {"uri": uri}})
+    project = project_with_data(tmp_path / "p", processed, {"train": {"epochs": 3}, "tracking": {"uri": uri}})
     fast_failing = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # the user's setting is kept; no waiting in a test
     server = start_server()
     try:
@@ -306,7 +313,7 @@ def test_a_tracking_server_lost_mid_training_loses_nothing(tmp_path, processed):
     assert train.returncode == 2, err
     assert f"tracking: {uri} unreachable" in err and err.count(f"tracking: {uri} unreachable") == 1
     last = err.strip().splitlines()[-1]
-    assert last.startswith("ctclab: error: train: finished all 6 epochs, but the tracking store") and "run `dvc repro` again" in last
+    assert last.startswith("ctclab: error: train: finished all 3 epochs, but the tracking store") and "run `dvc repro` again" in last
     assert (project / "models/best.pt").is_file() and list((project / RESUME_DIR).glob("*.pt"))
 
     server = start_server()
@@ -315,6 +322,6 @@ def test_a_tracking_server_lost_mid_training_loses_nothing(tmp_path, processed):
         client = mlflow.MlflowClient(uri)
         [run] = client.search_runs([client.get_experiment_by_name("ctclab").experiment_id])
         assert run.info.status == "FINISHED" and "checkpoint_sha256" in run.data.tags
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "dev_lev_greedy")] == [1, 2, 3, 4, 5, 6]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "dev_lev_greedy")] == [1, 2, 3]
     finally:
         stop_server(server)
