@@ -447,7 +447,6 @@ def find_run(configured_uri: str, root: Path, ref: str) -> RunRecord:
 
 def run_text(run_id: str, path: str) -> str:
     """A text artifact of a run, or "" when it has none."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar for one small file
     try:
         return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
     except Exception:  # MLflow raises several kinds for a missing artifact

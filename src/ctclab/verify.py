@@ -149,6 +149,7 @@ def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) ->
         raise CtclabError(f"verify: run {run.run_id} was recorded at commit {commit[:12]}, which this repository "
                           "does not have; fetch it first")
     data_hash = run.tags.get("data_hash", "")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar for one small file
     diff = tracking.run_text(run.run_id, "environment/git.diff") if run.tags.get("git_dirty") == "true" else ""
     if run.tags.get("git_dirty") == "true" and not diff:
         raise CtclabError(f"verify: run {run.run_id} was trained from a dirty tree and logged no git diff; its code "
