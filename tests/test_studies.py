@@ -134,8 +134,11 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
     assert linked.model_id == client.get_run(trainings[0].info.run_id).outputs.model_outputs[0].model_id
 
 
-def test_untracked_code_is_refused_before_anything_is_queued(tmp_path):
-    study = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True}], "seeds": [0], "smoke": SMOKE}
+def test_untracked_code_is_refused_and_a_dead_worker_is_replaced_once(tmp_path, monkeypatch, capsys):
+    # its one experiment fails at once (fetch): the runner's waiting is what this test is about
+    broken = {"data.source": "local", "data.path": "/nonexistent/hw3p2"}
+    study = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": broken}],
+             "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
     project = committed_project(tmp_path, study)
     (project / "src/ctclab/new_module.py").write_text("X = 1\n")
     (project / "notes.txt").write_text("not code: fine\n")
@@ -144,6 +147,20 @@ def test_untracked_code_is_refused_before_anything_is_queued(tmp_path):
     assert "untracked src/ctclab/new_module.py would be left out of the queued experiments" in r.stderr
     assert "notes.txt" not in r.stderr
     assert "s-a-s0-smoke" not in run(project, sys.executable, "-m", "dvc", "queue", "status").stdout
+
+    # The first workers die before taking anything (as DVC's sometimes do): after WORKERLESS_SECONDS
+    # with the experiment still queued, the runner starts workers once more, and then it runs.
+    (project / "src/ctclab/new_module.py").unlink()
+    real_start, starts = studies.start_workers, []
+    monkeypatch.setattr(studies, "start_workers", lambda root, jobs: starts.append(jobs) or (
+        real_start(root, jobs) if len(starts) > 1 else None))
+    monkeypatch.setattr(studies, "WORKERLESS_SECONDS", 1)
+    monkeypatch.chdir(project)
+    result = studies.run_study(studies.load(project / "experiments/s.yaml", project / "params.yaml"), project,
+                               smoke=True, poll_seconds=0.5)
+    out = capsys.readouterr().out
+    assert "no DVC queue worker alive for 1 s with 1 experiments queued; starting workers again (once)" in out, out
+    assert starts == [1, 1] and result["failed"] == ["s-a-s0-smoke"]  # ran (and failed at fetch), not lost
 
 
 def write_study(tmp_path, **over):
