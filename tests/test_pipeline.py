@@ -54,7 +54,8 @@ def test_verify_reexecutes_the_run_and_says_match(repro):
     project, _ = repro
     run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
     out = run(project, sys.executable, "-m", "ctclab", "verify", run_id)
-    assert out.stdout.splitlines() == ["same hardware: bit-identical expected", "MATCH (8 checks)"], out.stdout
+    assert out.stdout.splitlines() == ["same hardware: bit-identical expected", "packages as recorded",
+                                       "MATCH (8 checks)"], out.stdout
     assert f"verify: run {run_id} (commit " in out.stderr and "re-executing train → evaluate" in out.stderr
     assert run(project, "git", "worktree", "list").stdout.count("\n") == 1  # the temporary worktree is gone
     # a commit this repository lacks: one line, exit 2, nothing re-executed

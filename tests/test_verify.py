@@ -47,3 +47,15 @@ def test_other_hardware_compares_scores_within_the_tolerance():
     assert "cpu_model AMD EPYC → Intel Xeon" in outcome.hardware_note and "±10%" in outcome.hardware_note
     far = record({**SCORES, "eval_dev_lev_beam": 2.4 * 1.2}, {"cpu_model": "Intel Xeon"})
     assert not verify.compare(record(SCORES), CURVES, far, CURVES).match
+
+
+def test_package_versions_are_read_and_differences_named():
+    recorded = "# Editable install\n-e /repo\nnumpy==2.4.6\ntorch==2.13.0\nscipy==1.17.1\n"
+    again = "numpy==2.4.6\ntorch==2.14.0\nrich==14.0.0\n"
+    assert verify.package_changes(recorded, again) == ["rich – → 14.0.0", "scipy 1.17.1 → –", "torch 2.13.0 → 2.14.0"]
+    assert verify.package_changes(recorded, recorded) == []
+    outcome = verify.compare(record(SCORES), CURVES, record(SCORES), CURVES)
+    outcome.packages = ["torch 2.13.0 → 2.14.0"]
+    assert verify.report(outcome).splitlines()[:3] == [
+        "same hardware: bit-identical expected", "packages differ from the recorded run: torch 2.13.0 → 2.14.0",
+        "MATCH (8 checks)"]

@@ -2,7 +2,7 @@
 
     ctclab verify RUN        # an MLflow run id, or a DVC experiment / run name
 
-Reads the run's commit, params, data hash and hardware from MLflow; checks the commit out in a
+Reads the run's commit, params, data hash, hardware and package versions (its `pip freeze`) from MLflow; checks the commit out in a
 temporary git worktree (applying the recorded `git diff` when the tree was dirty), writes the
 recorded params into its params.yaml with a tracking store of its own, takes the data from this
 repository when its hash matches (else fetches and preprocesses there and refuses if the hash
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -40,6 +40,7 @@ class Outcome:
     rows: list[tuple[str, str, str, bool]]  # what, recorded, re-executed, equal
     same_hardware: bool
     hardware_note: str
+    packages: list[str] = field(default_factory=list)  # "name a → b" where the environments differ
 
     @property
     def match(self) -> bool:
@@ -95,6 +96,15 @@ def compare(recorded, recorded_curves: dict, again, again_curves: dict) -> Outco
         a, b = recorded_curves.get(key, []), again_curves.get(key, [])
         rows.append((f"{key} per epoch ({len(a)})", _fmt(a[-1] if a else None), _fmt(b[-1] if b else None), a == b))
     return Outcome(rows, same, note)
+
+
+def package_changes(recorded: str, again: str) -> list[str]:
+    """Packages whose version differs between two `pip freeze` outputs (editable installs aside)."""
+    def versions(text: str) -> dict[str, str]:
+        pairs = (line.split("==", 1) for line in text.splitlines() if "==" in line and not line.startswith(("#", "-e")))
+        return {name.lower(): version for name, version in pairs}
+    a, b = versions(recorded), versions(again)
+    return [f"{n} {a.get(n, '–')} → {b.get(n, '–')}" for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
 
 
 def _fmt(v) -> str:
@@ -171,9 +181,12 @@ def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) ->
         again = tracking.record(tracking.checkpoint_run(store, worktree, worktree / "models/best.pt"))
         print(f"verify: re-executed in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         curves = {k: [v for _, v in tracking.metric_history(again.run_id, k)] for k in CURVES}
+        freeze_again = tracking.run_text(again.run_id, "environment/pip-freeze.txt")
         tracking.connect(configured_uri, root)
         recorded_curves = {k: [v for _, v in tracking.metric_history(run.run_id, k)] for k in CURVES}
-        return compare(run, recorded_curves, again, curves)
+        outcome = compare(run, recorded_curves, again, curves)
+        outcome.packages = package_changes(tracking.run_text(run.run_id, "environment/pip-freeze.txt"), freeze_again)
+        return outcome
     finally:
         tracking.connect(configured_uri, root)
         if not keep:
@@ -182,7 +195,9 @@ def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) ->
 
 
 def report(outcome: Outcome) -> str:
-    lines = [outcome.hardware_note]
+    lines = [outcome.hardware_note, ("packages as recorded" if not outcome.packages else
+                                     f"packages differ from the recorded run: {', '.join(outcome.packages[:8])}"
+                                     f"{' …' if len(outcome.packages) > 8 else ''}")]
     if outcome.match:
         lines.append(f"MATCH ({len(outcome.rows)} checks)")
     else:
