@@ -214,7 +214,16 @@ class RunLog:
         ds = mlflow.entities.Dataset(data.name, data.digest, "local", json.dumps({"uri": data.source}),
                                      profile=json.dumps(data.profile))
         tag = mlflow.entities.InputTag("mlflow.data.context", context)
-        mlflow.MlflowClient().log_inputs(self.run_id, datasets=[mlflow.entities.DatasetInput(ds, [tag])])
+        for attempt in range(3):
+            try:
+                mlflow.MlflowClient().log_inputs(self.run_id, datasets=[mlflow.entities.DatasetInput(ds, [tag])])
+                return
+            except mlflow.exceptions.MlflowException:
+                # Two trainings of a study (-j 2) inserting the same dataset at once: the second
+                # insert fails on MLflow's unique key; the row exists then, and the next try links it.
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
 
     def log_model(self, model, metadata: dict, input_dim: int, classes: int) -> str:
         """The network as an MLflow model (pytorch flavour, with ctclab's code beside it so it loads
