@@ -128,7 +128,7 @@ def test_predict_with_the_logged_model_reproduces_the_submission(repro):
     out = run(project, sys.executable, "-m", "ctclab", "predict", "--model", f"models:/{logged.model_id}", "--mfcc",
               "data/raw").stdout
     assert out == (project / "submission/submission.csv").read_text()
-    by_run, _ = tracking.load_model(f"sqlite:///{project / 'mlflow.db'}", project, f"runs:/{run_id}/model")
+    by_run = tracking.load_model(f"sqlite:///{project / 'mlflow.db'}", project, f"runs:/{run_id}/model")
     beam = yaml.safe_load((project / "params.yaml").read_text())["decode"]["beam_width"]
     assert submission.predict(by_run, project / "data/raw", beam, 1) == out  # the same model through its run
     bad = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/nope@champion", "--mfcc",

@@ -98,7 +98,7 @@ def test_smoke_study_two_variants_two_seeds(tmp_path):
                    "--mfcc", str(make_spring2022(tmp_path / "spring", dim=13)), "--beam", "2").stdout
     lines = csv_text.splitlines()
     assert lines[0] == "id,predictions" and [l.split(",")[0] for l in lines[1:]] == [str(i) for i in range(6)], csv_text
-    champion, _ = tracking.load_model(f"sqlite:///{project / 'mlflow.db'}", project, "models:/ctclab-conv_lstm@champion")
+    champion = tracking.load_model(f"sqlite:///{project / 'mlflow.db'}", project, "models:/ctclab-conv_lstm@champion")
     fall = submission.predict(champion, make_fall2022(tmp_path / "fall", dim=13), 2, 1).splitlines()
     assert fall[0] == "index,label" and len(fall) == 7  # the other layout, in its own format
 

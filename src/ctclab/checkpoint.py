@@ -70,9 +70,7 @@ def state(model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device:
 
 def write_epoch(ckpt: dict, out_dir: Path, resume_path: Path, improved: bool, run_id: str) -> None:
     """One serialisation, written to last.pt, best.pt (if improved) and the resume slot."""
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    data = buf.getvalue()
+    data = _serialise(ckpt)
     _write(out_dir / "last.pt", data)
     if improved:
         _write(out_dir / "best.pt", data)
@@ -81,13 +79,16 @@ def write_epoch(ckpt: dict, out_dir: Path, resume_path: Path, improved: bool, ru
 
 def write_resume(ckpt: dict, resume_path: Path, run_id: str, data: bytes | None = None) -> None:
     """The resume slot alone (mid-epoch)."""
-    if data is None:
-        buf = io.BytesIO()
-        torch.save(ckpt, buf)
-        data = buf.getvalue()
+    data = _serialise(ckpt) if data is None else data
     _write(resume_path.with_suffix(".json"), json.dumps({"mlflow_run_id": run_id, "epoch": ckpt["epoch"],
                                                          "batch": ckpt["batch"]}).encode())
     _write(resume_path, data)
+
+
+def _serialise(ckpt: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -187,7 +187,7 @@ def cmd_predict(a) -> int:
 
     root = repo_root()
     params = load_params(root / "params.yaml")
-    recognizer, _ = load_model(params.tracking.uri, root, a.model)
+    recognizer = load_model(params.tracking.uri, root, a.model)
     beam = a.beam or params.decode.beam_width
     sys.stdout.write(predict(recognizer, Path(a.mfcc), beam, params.decode.workers, a.format))
     return 0

@@ -69,6 +69,9 @@ class Comparison:
     p: float | None
     p_holm: float | None = None
 
+    def verdict(self) -> str:
+        return verdict(float(np.mean(self.diffs)), self.p_holm, len(self.diffs))
+
 
 def compare(study: Study, by_variant: dict) -> dict[str, Comparison]:
     """Paired comparison of every non-baseline variant with the baseline, Holm-adjusted together."""
@@ -159,7 +162,7 @@ def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison
         c = comparison
         delta = f"{c.interval[0]:+.3f} [{c.interval[1]:+.3f}, {c.interval[2]:+.3f}]" if c.interval else f"{c.diffs[0]:+.3f}"
         p = f"{c.p:.3f} ({c.p_holm:.3f})" if c.p is not None else "–"
-        word = verdict(float(np.mean(c.diffs)), c.p_holm, len(c.diffs))
+        word = c.verdict()
     first = rs[sorted(rs)[0]]
     train_s = mean_std([r.metrics.get("train_seconds", math.nan) for r in rs.values()])[0]
     decode = mean_std([r.metrics.get("decode_beam_utterances_per_second", math.nan) for r in rs.values()])[0]
@@ -252,7 +255,7 @@ def promote(study: Study, root: Path, smoke: bool = False) -> str:
     elif comparison is None or not comparison.diffs:
         word = "not compared (no seed shared with the baseline)"
     else:
-        word = verdict(float(np.mean(comparison.diffs)), comparison.p_holm, len(comparison.diffs))
+        word = comparison.verdict()
     arch = child.params.get("model.arch", "model")
     description = (f"Study {study.name}{' (smoke)' if smoke else ''}: best variant {best} (mean {study.metric} "
                    f"{means[best]:.3f} over {len(by_variant[best])} seeds; this is seed {seed}, "

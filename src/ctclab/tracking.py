@@ -182,9 +182,9 @@ class RunLog:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step)
 
-    def send(self, pending: list) -> bool:
-        """Log queued (metrics, step) pairs in order, removing each one sent; False (and a line, once)
-        when the store cannot be reached — the rest stay queued for the next call."""
+    def send(self, pending: list) -> Exception | None:
+        """Log queued (metrics, step) pairs in order, removing each one sent. When the store cannot be
+        reached: the error (and a line, once); the rest stay queued for the next call."""
         while pending:
             metrics, step = pending[0]
             try:
@@ -194,9 +194,9 @@ class RunLog:
                     print(f"tracking: {mlflow.get_tracking_uri()} unreachable ({type(err).__name__}); training goes "
                           "on and keeps its metrics in the checkpoint until the store answers", file=sys.stderr)
                     self._warned = True
-                return False
+                return err
             pending.pop(0)
-        return True
+        return None
 
     def log_params(self, params: dict) -> None:
         mlflow.log_params(params)
@@ -357,7 +357,10 @@ CURVES = ("train_loss", "dev_loss", "dev_lev_greedy", "dev_per", "lr", "epoch_se
 
 def logged_model_id(run_id: str) -> str | None:
     """The MLflow model a training run logged (its best checkpoint), if any."""
-    run = mlflow.MlflowClient().get_run(run_id)
+    return _model_id(mlflow.MlflowClient().get_run(run_id))
+
+
+def _model_id(run) -> str | None:
     outputs = run.outputs.model_outputs if run.outputs else []
     return outputs[-1].model_id if outputs else None
 
@@ -397,7 +400,7 @@ def log_study_child(training_run_id: str, parent_run_id: str, labels: dict, extr
     history += [mlflow.entities.Metric(k, float(v), now, 0) for k, v in final.items()]
     for start in range(0, len(history), 900):  # the REST API takes at most 1000 metrics a call
         client.log_batch(run_id, metrics=history[start:start + 900])
-    model_id = logged_model_id(training_run_id)
+    model_id = _model_id(training)
     client.log_inputs(run_id, datasets=list(training.inputs.dataset_inputs) if training.inputs else None,
                       models=[mlflow.entities.LoggedModelInput(model_id)] if model_id else None)
     for path, text in texts.items():
@@ -417,15 +420,12 @@ def register(model_id: str, name: str, alias: str, description: str, tags: dict)
 
 
 def load_model(configured_uri: str, root: Path, model_uri: str):
-    """A logged or registered model (`models:/ctclab-conv_lstm@champion`, `runs:/<id>/model`, …) and
-    the metadata training stored with it."""
+    """A logged or registered model (`models:/ctclab-conv_lstm@champion`, `runs:/<id>/model`, …)."""
     connect(configured_uri, root)
     try:
-        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except mlflow.exceptions.MlflowException as err:
         raise CtclabError(f"--model {model_uri}: {str(err).splitlines()[0]} (store {mlflow.get_tracking_uri()})") from None
-    return model, metadata
 
 
 def record(run_id: str) -> RunRecord:

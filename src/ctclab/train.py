@@ -264,6 +264,7 @@ class Training:
     device: torch.device
     train_set: Shard
     dev_set: Shard
+    dev_refs: list[list[int]]
     train_idx: np.ndarray
     state: checkpoint.Progress
     out_dir: Path
@@ -298,7 +299,7 @@ def run_epoch(t: Training, epoch: int, run: tracking.RunLog, stop: StopSignals, 
                                    t.device, desc, progress, state.batch, (state.loss_sum, state.seen), after_batch)
     train_seconds = time.perf_counter() - t0
     dev_loss, hyps, _ = evaluate_split(t.model, t.dev_set, 2 * cfg.batch_size, t.device, amp=cfg.amp)
-    s = score(hyps["greedy"], t.dev_set.references())
+    s = score(hyps["greedy"], t.dev_refs)
     if cfg.scheduler == "plateau":
         t.scheduler.step(s.mean_distance)
     row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "dev_loss": round(dev_loss, 6),
@@ -338,8 +339,8 @@ def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Tr
         state = checkpoint.Progress()
         for stale in (out_dir / "best.pt", out_dir / "last.pt"):
             stale.unlink(missing_ok=True)
-    t = Training(cfg, model, optimizer, scheduler, scaler, aug_gen, device, train_set, dev_set, train_idx, state,
-                 out_dir, resume_path)
+    t = Training(cfg, model, optimizer, scheduler, scaler, aug_gen, device, train_set, dev_set, dev_set.references(),
+                 train_idx, state, out_dir, resume_path)
     return t, meta, infeasible
 
 
@@ -368,12 +369,14 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
             raise
         summary = summarize(state.history, models.parameter_count(t.model), infeasible)
         try:
-            if not run.send(state.unsent):
-                raise tracking.UNREACHABLE[0]("unsent metrics")
-            write_outputs(state.history, summary, run, out_dir, metrics_dir, meta)
+            error = run.send(state.unsent)
+            if error is None:
+                write_outputs(state.history, summary, run, out_dir, metrics_dir, meta)
         except tracking.UNREACHABLE as err:
+            error = err
+        if error is not None:
             raise CtclabError(f"train: finished all {t.cfg.epochs} epochs, but the tracking store {run.uri} cannot "
-                              f"be reached ({type(err).__name__}); {t.resume_path} keeps the training and its unsent "
-                              "metrics: run `dvc repro` again once the store answers to log them") from None
+                              f"be reached ({type(error).__name__}); {t.resume_path} keeps the training and its unsent "
+                              "metrics: run `dvc repro` again once the store answers to log them")
     checkpoint.clear(t.resume_path)
     return {**summary, "mlflow_run_id": state.run_id}
