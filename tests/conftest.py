@@ -21,6 +21,17 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def processed(tiny_corpus, tmp_path_factory) -> Path:
+    """The tiny corpus preprocessed with the repository's features params."""
+    from ctclab.config import load_params
+    from ctclab.data import preprocess
+
+    out = tmp_path_factory.mktemp("processed")
+    preprocess(tiny_corpus, out, load_params().features)
+    return out
+
+
 def _utterance(rng, dim: int) -> tuple[np.ndarray, list[str]]:
     n_labels = int(rng.integers(3, 9))
     frames = rng.standard_normal((n_labels * 6, dim)).astype(np.float32) * 5 + 3

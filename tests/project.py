@@ -110,3 +110,66 @@ def run(cwd: Path, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedP
 
 def stage(cwd: Path, name: str, **kw) -> subprocess.CompletedProcess:
     return run(cwd, sys.executable, f"pipeline/{name}.py", **kw)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1: a SQL (sqlite) backend and a proxied artifact store,
+    both under `folder`. start() waits for /health; stop() kills it as a lost server would go."""
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder, self.port = folder, port or free_port()
+        self.uri, self.process = f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> "MlflowServer":
+        import time
+
+        import requests
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--workers", "1",
+             "--artifacts-destination", str(self.folder / "server-artifacts")],
+            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.uri}/health", timeout=1).ok:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.3)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, 9)
+        self.process.wait()
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def committed_project(dest: Path, overrides: dict | None = None, files: dict[str, str] | None = None) -> Path:
+    """A project copy with `files` (relative path → text) added, all committed (studies and verify
+    need a clean commit)."""
+    project = make_project(dest, overrides)
+    for name, text in (files or {}).items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    (project / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    commit(project, "base")
+    return project
+
+
+def commit(project: Path, message: str) -> None:
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ctclab import submission, tracking
-from project import REPO, make_project, run
+from project import REPO, commit, make_project, run
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,24 @@ def test_second_repro_is_a_no_op(repro):
     project, _ = repro
     out = run(project, sys.executable, "-m", "dvc", "repro").stdout
     assert "Running stage" not in out and "Data and pipelines are up to date" in out
+
+
+def test_a_dvc_remote_gives_a_fresh_clone_everything_without_recomputing(repro, tmp_path):
+    """Team mode: data, models and the run cache pushed to a DVC remote (a local folder here; S3 or
+    MinIO the same way), a fresh clone pulls and `dvc repro` has nothing to do."""
+    project, _ = repro
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    run(project, sys.executable, "-m", "dvc", "remote", "add", "-d", "team", str(remote))
+    commit(project, "dvc.lock and the team's remote")  # what a team commits after `dvc repro`
+    pushed = run(project, sys.executable, "-m", "dvc", "push", "--run-cache")
+    assert (remote / "runs").is_dir()  # the run cache: another clone's `dvc repro`/`dvc exp` can restore from it
+    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    pulled = run(clone, sys.executable, "-m", "dvc", "pull", "--run-cache")
+    again = run(clone, sys.executable, "-m", "dvc", "repro")
+    print(pushed.stdout, pulled.stdout, again.stdout, sep="\n")  # the closing note quotes these
+    assert "Running stage" not in again.stdout and "Data and pipelines are up to date" in again.stdout, again.stdout
+    for out in ("models/best.pt", "data/processed/meta.json", "submission/submission.csv", "metrics/eval.json"):
+        assert (clone / out).read_bytes() == (project / out).read_bytes(), out
 
 
 def test_verify_reexecutes_the_run_and_says_match(repro):

@@ -1,4 +1,5 @@
 """Studies end to end through the real DVC queue and MLflow, on a tiny project copy."""
+import hashlib
 import signal
 import subprocess
 import sys
@@ -6,101 +7,134 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 import yaml
 
 from ctclab import report, studies, submission, tracking
 from ctclab.errors import CtclabError
 from conftest import make_fall2022, make_spring2022
-from project import REPO, env, make_project, run
+from project import REPO, MlflowServer, committed_project, env, run
 
 SMOKE = {"seeds": [0, 1], "params": {"data.synthetic.train": 12, "data.synthetic.dev": 4, "data.synthetic.test": 2,
                                      "train.epochs": 1, "model.hidden": 8, "model.embed_dim": 8}}
 
 
-def committed_project(tmp_path, study: dict) -> Path:
-    project = make_project(tmp_path / "project")
-    (project / "experiments").mkdir()
-    (project / "experiments" / f"{study['name']}.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-    (project / ".gitignore").write_text((REPO / ".gitignore").read_text())
-    run(project, "git", "add", "-A")
-    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
-    return project
+def study_project(tmp_path, study: dict) -> Path:
+    return committed_project(tmp_path / "project", files={f"experiments/{study['name']}.yaml":
+                                                           yaml.safe_dump(study, sort_keys=False)})
 
 
-def study_cli(project, *args, check=True):
-    return run(project, sys.executable, "-m", "ctclab", "study", *args, check=check, timeout=900)
+def study_cli(project, *args, check=True, tracking_uri=None):
+    extra = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else None
+    return run(project, sys.executable, "-m", "ctclab", "study", *args, check=check, timeout=900, env=extra)
 
 
-def all_runs(project, experiment):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+def all_runs(project, experiment, uri=None):
+    mlflow.set_tracking_uri(uri or f"sqlite:///{project / 'mlflow.db'}")
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
-def test_smoke_study_two_variants_two_seeds(tmp_path):
+def rest(server, method: str, endpoint: str, **kw) -> dict:
+    """MLflow's REST API, as any client (another language, a dashboard) would read it."""
+    r = requests.request(method, f"{server.uri}/api/2.0/mlflow/{endpoint}", timeout=30, **kw)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
+    """Team mode: two clones of one project (two machines) track into one `mlflow server` (SQL
+    backend, proxied artifact store) and each runs its own seeds of a smoke study; either clone's
+    report gathers every seed. Read back through the REST API."""
     study = {"name": "kaiming_smoke", "question": "Does Kaiming init help?",
              "variants": [{"name": "on", "baseline": True, "params": {"model.kaiming": True}},
                           {"name": "off", "params": {"model.kaiming": False}},
                           # fails in its fetch stage; must not stop the others
                           {"name": "broken", "params": {"data.source": "local", "data.path": "/nonexistent/hw3p2"}}],
              "seeds": [0, 1, 2], "smoke": SMOKE}
-    project = committed_project(tmp_path, study)
-    result = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke", "-j", "2", check=False)
-    out = result.stdout
-    assert result.returncode == 1 and "4 ran, 0 skipped (already complete), 2 failed" in out, out
-    for seed in (0, 1):
-        name = f"kaiming_smoke-broken-s{seed}-smoke"
-        assert f"FAILED {name}: see its log with `dvc queue logs {name}`" in out
-    ui = "MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    runs = all_runs(project, "ctclab/kaiming_smoke-smoke")  # the study's own experiment
-    assert all_runs(project, "ctclab") == []  # plain `dvc repro` runs only
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("ctclab/kaiming_smoke-smoke")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert ui.format(experiment_id=experiment.experiment_id) in out  # opens the model-training view
-    parents = [r for r in runs if r.data.tags.get("ctclab_study_parent") == "kaiming_smoke"]
-    assert len(parents) == 1
-    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(k.info.run_name for k in kids) == ["off-s0", "off-s1", "on-s0", "on-s1"]  # broken never trained
-    for k in kids:  # each child is its variant × seed's training run: params, curves, data, model
-        assert k.info.run_name == f"{k.data.tags['variant']}-s{k.data.tags['seed']}"
-        assert k.data.tags["study"] == "kaiming_smoke"
-        assert k.data.tags["dvc_exp_name"] == f"kaiming_smoke-{k.data.tags['variant']}-s{k.data.tags['seed']}-smoke"
-        assert k.data.params["model.kaiming"] == str(k.data.tags["variant"] == "on")
-        assert k.data.params["decode.beam_width"] == str(yaml.safe_load((project / "params.yaml").read_text())["decode"]["beam_width"])
-        assert "eval_dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
-        assert [h.step for h in client.get_metric_history(k.info.run_id, "dev_lev_greedy")] == [1]
-        assert k.inputs.dataset_inputs[0].dataset.name == "ctclab-synthetic" and k.outputs.model_outputs
-    report = (project / "experiments/reports/kaiming_smoke-smoke.md").read_text()
-    rows = [l for l in report.splitlines() if (l.startswith("| on ") or l.startswith("| off ")) and " ± " in l]
-    assert len(rows) == 2 and all("| 2 |" in r and "| 2 × " in r for r in rows)  # n = 2, run with -j 2
-    per_seed = report.split("Per seed (`dev_lev_beam`, child run id):")[1]
-    assert per_seed.count("| on | ") == 1 and per_seed.count("(`") == 4  # 2 variants × 2 seeds, each with its run
-    assert "| broken |" in report and "no finished runs" in report
-    assert "no detectable difference with 2 seeds" in rows[1] or "better" in rows[1] or "worse" in rows[1]
-    assert (project / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
-    assert "p (Holm)" in report and "Holm-adjusted across the study's 1 comparison (in" in report  # broken has none
-    # a second run skips what is complete
-    again = study_cli(project, "run", "experiments/kaiming_smoke.yaml", "--smoke", check=False).stdout
-    assert "4 skipped (already complete), 2 failed" in again, again
+    origin = study_project(tmp_path, study)
+    clones = [tmp_path / "machine_a", tmp_path / "machine_b"]
+    for clone in clones:
+        run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
+    with MlflowServer(tmp_path / "server") as server:
+        uri = server.uri
+        for clone, seed in zip(clones, ("0", "1")):
+            result = study_cli(clone, "run", "experiments/kaiming_smoke.yaml", "--smoke", "--seeds", seed, "-j", "2",
+                               check=False, tracking_uri=uri)
+            assert result.returncode == 1 and "2 ran, 0 skipped (already complete), 1 failed" in result.stdout, result.stdout
+            assert f"FAILED kaiming_smoke-broken-s{seed}-smoke: see its log with `dvc queue logs" in result.stdout
+        out = result.stdout
+        for clone in clones:
+            assert not (clone / "mlflow.db").exists() and not (clone / "mlartifacts").exists()  # all on the server
+        runs = all_runs(None, "ctclab/kaiming_smoke-smoke", uri)  # the study's own experiment
+        assert all_runs(None, "ctclab", uri) == []  # plain `dvc repro` runs only
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name("ctclab/kaiming_smoke-smoke")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        assert f"MLflow UI: {uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" in out
+        parents = [r for r in runs if r.data.tags.get("ctclab_study_parent") == "kaiming_smoke"]
+        assert len(parents) == 1  # machine b found machine a's parent on the server
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+        assert sorted(k.info.run_name for k in kids) == ["off-s0", "off-s1", "on-s0", "on-s1"]  # broken never trained
+        for k in kids:  # each child is its variant × seed's training run: params, curves, data, model
+            assert k.info.run_name == f"{k.data.tags['variant']}-s{k.data.tags['seed']}"
+            assert k.data.tags["dvc_exp_name"] == f"kaiming_smoke-{k.data.tags['variant']}-s{k.data.tags['seed']}-smoke"
+            assert k.data.params["model.kaiming"] == str(k.data.tags["variant"] == "on")
+            assert k.data.params["decode.beam_width"] == str(yaml.safe_load((origin / "params.yaml").read_text())["decode"]["beam_width"])
+            assert "eval_dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
+            assert [h.step for h in client.get_metric_history(k.info.run_id, "dev_lev_greedy")] == [1]
+            assert k.inputs.dataset_inputs[0].dataset.name == "ctclab-synthetic" and k.outputs.model_outputs
 
-    # promote: the lowest-mean variant's best seed, registered with the verdict; then predict with it
-    out = study_cli(project, "promote", "experiments/kaiming_smoke.yaml", "--smoke").stdout
-    score = {(k.data.tags["variant"], k.data.tags["seed"]): k.data.metrics["eval_dev_lev_beam"] for k in kids}
-    best = min(("on", "off"), key=lambda v: score[(v, "0")] + score[(v, "1")])
-    seed = min(("0", "1"), key=lambda s: score[(best, s)])
-    version = client.get_model_version_by_alias("ctclab-conv_lstm", "champion")
-    assert (version.tags["variant"], version.tags["seed"]) == (best, seed), out
-    winner = next(k for k in kids if (k.data.tags["variant"], k.data.tags["seed"]) == (best, seed))
-    assert winner.outputs.model_outputs[0].model_id in version.source
-    assert f"best variant {best}" in version.description and "verdict vs baseline:" in version.description
-    assert "ctclab-conv_lstm version 1 (alias champion)" in out
-    csv_text = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/ctclab-conv_lstm@champion",
-                   "--mfcc", str(make_spring2022(tmp_path / "spring", dim=13)), "--beam", "2").stdout
-    lines = csv_text.splitlines()
-    assert lines[0] == "id,predictions" and [l.split(",")[0] for l in lines[1:]] == [str(i) for i in range(6)], csv_text
-    champion = tracking.load_model(f"sqlite:///{project / 'mlflow.db'}", project, "models:/ctclab-conv_lstm@champion")
-    fall = submission.predict(champion, make_fall2022(tmp_path / "fall", dim=13), 2, 1).splitlines()
-    assert fall[0] == "index,label" and len(fall) == 7  # the other layout, in its own format
+        # the same through the REST API: runs, child runs, and a checkpoint's bytes from the artifact store
+        exp_id = rest(server, "GET", "experiments/get-by-name",
+                      params={"experiment_name": "ctclab/kaiming_smoke-smoke"})["experiment"]["experiment_id"]
+        found = rest(server, "POST", "runs/search", json={"experiment_ids": [exp_id], "max_results": 100,
+                                                          "filter": f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"})
+        by_name = {r["info"]["run_name"]: r for r in found["runs"]}
+        assert sorted(by_name) == ["off-s0", "off-s1", "on-s0", "on-s1"]
+        child = by_name["on-s1"]  # trained on machine b
+        tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
+        assert child["info"]["artifact_uri"].startswith("mlflow-artifacts:/")  # proxied by the server
+        listed = rest(server, "GET", "artifacts/list", params={"run_id": child["info"]["run_id"], "path": "checkpoints"})
+        assert {f["path"] for f in listed["files"]} == {"checkpoints/best.pt", "checkpoints/last.pt"}
+        store_path = child["info"]["artifact_uri"].removeprefix("mlflow-artifacts:/")
+        blob = requests.get(f"{uri}/api/2.0/mlflow-artifacts/artifacts/{store_path}/checkpoints/best.pt", timeout=30)
+        assert hashlib.sha256(blob.content).hexdigest() == tags["checkpoint_sha256"]
+
+        # either machine's report gathers every seed from the server
+        study_cli(clones[0], "report", "experiments/kaiming_smoke.yaml", "--smoke", tracking_uri=uri)
+        report = (clones[0] / "experiments/reports/kaiming_smoke-smoke.md").read_text()
+        rows = [l for l in report.splitlines() if (l.startswith("| on ") or l.startswith("| off ")) and " ± " in l]
+        assert len(rows) == 2 and all("| 2 |" in r and "| 2 × " in r for r in rows), report  # n = 2, run with -j 2
+        per_seed = report.split("Per seed (`dev_lev_beam`, child run id):")[1]
+        assert per_seed.count("| on | ") == 1 and per_seed.count("(`") == 4  # 2 variants × 2 seeds, each with its run
+        assert "| broken |" in report and "no finished runs" in report
+        assert "no detectable difference with 2 seeds" in rows[1] or "better" in rows[1] or "worse" in rows[1]
+        assert (clones[0] / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
+        assert "p (Holm)" in report and "Holm-adjusted across the study's 1 comparison (in" in report  # broken has none
+        # a second run skips what is complete, whichever machine ran it
+        again = study_cli(clones[0], "run", "experiments/kaiming_smoke.yaml", "--smoke", check=False,
+                          tracking_uri=uri).stdout
+        assert "4 skipped (already complete), 2 failed" in again, again
+
+        # promote: the lowest-mean variant's best seed, registered with the verdict; then predict with it
+        out = study_cli(clones[0], "promote", "experiments/kaiming_smoke.yaml", "--smoke", tracking_uri=uri).stdout
+        score = {(k.data.tags["variant"], k.data.tags["seed"]): k.data.metrics["eval_dev_lev_beam"] for k in kids}
+        best = min(("on", "off"), key=lambda v: score[(v, "0")] + score[(v, "1")])
+        seed = min(("0", "1"), key=lambda s: score[(best, s)])
+        version = client.get_model_version_by_alias("ctclab-conv_lstm", "champion")
+        assert (version.tags["variant"], version.tags["seed"]) == (best, seed), out
+        winner = next(k for k in kids if (k.data.tags["variant"], k.data.tags["seed"]) == (best, seed))
+        assert winner.outputs.model_outputs[0].model_id in version.source
+        assert f"best variant {best}" in version.description and "verdict vs baseline:" in version.description
+        assert "ctclab-conv_lstm version 1 (alias champion)" in out
+        csv_text = run(clones[1], sys.executable, "-m", "ctclab", "predict", "--model", "models:/ctclab-conv_lstm@champion",
+                       "--mfcc", str(make_spring2022(tmp_path / "spring", dim=13)), "--beam", "2",
+                       env={"MLFLOW_TRACKING_URI": uri}).stdout
+        lines = csv_text.splitlines()
+        assert lines[0] == "id,predictions" and [l.split(",")[0] for l in lines[1:]] == [str(i) for i in range(6)], csv_text
+        champion = tracking.load_model(uri, clones[1], "models:/ctclab-conv_lstm@champion")
+        fall = submission.predict(champion, make_fall2022(tmp_path / "fall", dim=13), 2, 1).splitlines()
+        assert fall[0] == "index,label" and len(fall) == 7  # the other layout, in its own format
 
 
 def test_beam_width_study_trains_exactly_once(tmp_path):
@@ -108,7 +142,7 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
              "variants": [{"name": "b1", "baseline": True, "params": {"decode.beam_width": 1}},
                           {"name": "b8", "params": {"decode.beam_width": 8}}],
              "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
-    project = committed_project(tmp_path, study)
+    project = study_project(tmp_path, study)
     # Ctrl-C while the runner waits: one line; the queued experiments go on, and the same command
     # run again waits for them instead of queueing them twice
     runner = subprocess.Popen([sys.executable, "-m", "ctclab", "study", "run", "experiments/beam_smoke.yaml", "--smoke",
@@ -139,7 +173,7 @@ def test_untracked_code_is_refused_and_a_dead_worker_is_replaced_once(tmp_path, 
     broken = {"data.source": "local", "data.path": "/nonexistent/hw3p2"}
     study = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": broken}],
              "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
-    project = committed_project(tmp_path, study)
+    project = study_project(tmp_path, study)
     (project / "src/ctclab/new_module.py").write_text("X = 1\n")
     (project / "notes.txt").write_text("not code: fine\n")
     r = study_cli(project, "run", "experiments/s.yaml", "--smoke", check=False)

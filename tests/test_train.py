@@ -7,20 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ctclab.config import load_params
-from ctclab.data import preprocess
 from ctclab.batching import bucket_batches
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.errors import CtclabError
 from ctclab.inference import load_checkpoint, load_model
 from project import NEUTRAL, interrupt_training, merge, project_with_data, run_train
-
-
-@pytest.fixture(scope="module")
-def processed(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("processed")
-    preprocess(tiny_corpus, out, load_params().features)
-    return out
 
 
 @pytest.mark.parametrize("arch", ["lstm", "convnext", "conv_lstm"])
@@ -266,49 +257,24 @@ def test_out_of_memory_splits_or_stops_in_one_line(tmp_path, processed, monkeypa
 def test_a_tracking_server_lost_mid_training_loses_nothing(tmp_path, processed):
     """A real `mlflow server`, stopped after the first epoch: training goes on, stops at the end in
     one line with everything kept; with the server back, a rerun logs every epoch exactly once."""
-    import os
-    import socket
     import subprocess
     import sys
     import time
 
-    import requests
+    from project import MlflowServer, env, stage
 
-    from project import env, stage
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-
-    def start_server():
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                                   "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1",
-                                   "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                                  env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    return server
-            except requests.RequestException:
-                time.sleep(0.3)
-        raise AssertionError("mlflow server did not start")
-
-    def stop_server(server):
-        os.killpg(server.pid, 9)
-        server.wait()
-
+    server = MlflowServer(tmp_path)
+    uri = server.uri
     project = project_with_data(tmp_path / "p", processed, {"train": {"epochs": 3}, "tracking": {"uri": uri}})
     fast_failing = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # the user's setting is kept; no waiting in a test
-    server = start_server()
+    server.start()
     try:
         train = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(fast_failing),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while not list((project / RESUME_DIR).glob("*.json")) and train.poll() is None:
             time.sleep(0.02)
     finally:
-        stop_server(server)
+        server.stop()
     _, err = train.communicate(timeout=600)
     assert train.returncode == 2, err
     assert f"tracking: {uri} unreachable" in err and err.count(f"tracking: {uri} unreachable") == 1
@@ -316,12 +282,9 @@ def test_a_tracking_server_lost_mid_training_loses_nothing(tmp_path, processed):
     assert last.startswith("ctclab: error: train: finished all 3 epochs, but the tracking store") and "run `dvc repro` again" in last
     assert (project / "models/best.pt").is_file() and list((project / RESUME_DIR).glob("*.pt"))
 
-    server = start_server()
-    try:
+    with server.start():
         stage(project, "train", env=fast_failing)
         client = mlflow.MlflowClient(uri)
         [run] = client.search_runs([client.get_experiment_by_name("ctclab").experiment_id])
         assert run.info.status == "FINISHED" and "checkpoint_sha256" in run.data.tags
         assert [m.step for m in client.get_metric_history(run.info.run_id, "dev_lev_greedy")] == [1, 2, 3]
-    finally:
-        stop_server(server)

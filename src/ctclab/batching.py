@@ -23,12 +23,15 @@ def feasible(shard: Shard, output_lengths: Callable[[torch.Tensor], torch.Tensor
     return out >= need
 
 
-def bucket_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Similar lengths together (less padding), batch order shuffled; reproducible per (seed, epoch)."""
+def bucket_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, min_size: int = 1) -> list[np.ndarray]:
+    """Similar lengths together (less padding), batch order shuffled; reproducible per (seed, epoch).
+    A last bucket smaller than `min_size` (the DDP world size: every rank needs a share) joins the one before."""
     rng = np.random.default_rng([seed, epoch])
     jitter = rng.uniform(0, 0.1 * max(1.0, float(np.median(lengths))), len(lengths))
     order = np.argsort(lengths + jitter, kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < min_size:
+        batches[-2:] = [np.concatenate(batches[-2:])]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -66,10 +69,10 @@ class Batch:
         return out
 
 
-def collate_items(items: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) -> Batch:
-    """Pad (features [T, D], labels) pairs into one Batch."""
+def collate_items(items: list[tuple[np.ndarray, np.ndarray]], feature_dim: int, pad_to: int = 0) -> Batch:
+    """Pad (features [T, D], labels) pairs into one Batch of at least `pad_to` frames."""
     lengths = torch.tensor([len(x) for x, _ in items])
-    feats = torch.zeros(len(items), int(lengths.max()) if items else 0, feature_dim)
+    feats = torch.zeros(len(items), max(pad_to, int(lengths.max()) if items else 0), feature_dim)
     for k, (x, _) in enumerate(items):
         feats[k, : len(x)] = torch.as_tensor(np.array(x))
     labels = [y.tolist() for _, y in items]
@@ -90,8 +93,10 @@ class ShardDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._shard)
 
-    def __getitem__(self, i: int):
-        return self._shard.item(int(i))
+    def __getitem__(self, key):
+        """`key`: an utterance index, or (index, frames to pad its batch to) for a DDP share."""
+        i, pad_to = key if isinstance(key, tuple) else (key, 0)
+        return (*self._shard.item(int(i)), pad_to)
 
     def __getstate__(self):
         return {"folder": self.folder, "feature_dim": self.feature_dim}
@@ -100,14 +105,17 @@ class ShardDataset(torch.utils.data.Dataset):
         self.folder, self.feature_dim, self._shard = state["folder"], state["feature_dim"], Shard(state["folder"])
 
     def collate(self, items) -> Batch:
-        return collate_items(items, self.feature_dim)
+        return collate_items([item[:2] for item in items], self.feature_dim, max((item[2] for item in items), default=0))
 
 
-def loader(shard: Shard, batches: list[np.ndarray], workers: int, device: torch.device):
+def loader(shard: Shard, batches: list[np.ndarray], workers: int, device: torch.device,
+           pad_to: list[int] | None = None):
     """A DataLoader yielding the given batches in order: `workers` processes collate ahead of the
     training step (0 = in this process), pinned memory and prefetch on CUDA. Same batches, same
-    order, same bytes whatever the worker count."""
+    order, same bytes whatever the worker count. `pad_to`: frames to pad each batch to (DDP shares)."""
     dataset = ShardDataset(shard)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in batches],
+    keys = [b.tolist() for b in batches] if pad_to is None else \
+        [[(int(i), pad) for i in b] for b, pad in zip(batches, pad_to)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=keys,
                                        collate_fn=dataset.collate, num_workers=workers,
                                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)

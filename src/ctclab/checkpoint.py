@@ -2,7 +2,7 @@
 resuming an interrupted training from it.
 
 Every checkpoint carries the model spec and weights, optimizer, scheduler, grad scaler, RNG states
-(torch, CUDA, augmentation), epoch, history and best metric; a mid-epoch one also the batches of the
+(torch, CUDA, augmentation; each DDP rank's), epoch, history and best metric; a mid-epoch one also the batches of the
 epoch already done and the loss summed over them. At an epoch's end it goes to models/last.pt, to
 models/best.pt when the dev distance improved, and to .ctclab/resume/<fingerprint>.pt — outside
 DVC's outs, so the stage stays in DVC's run cache — with the MLflow run id beside it in
@@ -31,7 +31,7 @@ RESUME_DIR = Path(".ctclab") / "resume"
 
 
 # Keys that cannot change a training's result: a run resumes across a change of these.
-RUNTIME_ONLY = {"train.resume", "train.loader_workers", "train.checkpoint_minutes"}
+RUNTIME_ONLY = {"train.resume", "train.loader_workers", "train.checkpoint_minutes", "train.distributed.rdzv_endpoint"}
 
 
 def fingerprint(params: Params, data_hash: str, runtime: str) -> str:
@@ -57,15 +57,18 @@ class Progress:
     unsent: list = field(default_factory=list)  # (metrics, step) a lost tracking server has not taken yet
 
 
-def state(model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device: torch.device,
-          progress: Progress) -> dict:
+def rng_states(aug_gen: torch.Generator, device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "augment": aug_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+
+def state(model, optimizer, scheduler, scaler, rngs: list[dict], progress: Progress) -> dict:
+    """`rngs`: each rank's RNG states (one entry without DDP)."""
     return {"model_spec": model.spec(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(), "epoch": progress.epoch, "history": progress.history,
             "best": progress.best, "batch": progress.batch, "loss_sum": progress.loss_sum, "seen": progress.seen,
-            "unsent": progress.unsent,
-            "rng": {"torch": torch.get_rng_state(), "augment": aug_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
+            "unsent": progress.unsent, "rng": rngs[0], "rng_ranks": rngs}
 
 
 def write_epoch(ckpt: dict, out_dir: Path, resume_path: Path, improved: bool, run_id: str) -> None:
@@ -100,24 +103,29 @@ def _write(path: Path, data: bytes) -> None:
                           f"{path.name} is intact") from None
 
 
-def resume(resume_path: Path, model, optimizer, scheduler, scaler, aug_gen: torch.Generator,
-           device: torch.device) -> Progress | None:
-    """Load an interrupted training's state into the given objects; None if there is none."""
+def load_resume(resume_path: Path) -> dict | None:
+    """An interrupted training's saved state with its MLflow run id, or None if there is none."""
     run_file = resume_path.with_suffix(".json")
     if not (resume_path.is_file() and run_file.is_file()):
         return None
     saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+    return {**saved, "run_id": json.loads(run_file.read_text())["mlflow_run_id"]}
+
+
+def restore(saved: dict, model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device: torch.device,
+            rank: int = 0) -> Progress:
+    """Load a saved state into the given objects; each DDP rank takes its own RNG states."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    aug_gen.set_state(saved["rng"]["augment"])
-    if device.type == "cuda" and saved["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(saved["rng"]["cuda"])
-    run_id = json.loads(run_file.read_text())["mlflow_run_id"]
-    return Progress(saved["epoch"], saved["best"], saved["history"], run_id, saved.get("batch", 0),
+    rng = saved.get("rng_ranks", [saved["rng"]])[rank]
+    torch.set_rng_state(rng["torch"])
+    aug_gen.set_state(rng["augment"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return Progress(saved["epoch"], saved["best"], saved["history"], saved["run_id"], saved.get("batch", 0),
                     saved.get("loss_sum", 0.0), saved.get("seen", 0), saved.get("unsent", []))
 
 

@@ -108,6 +108,19 @@ class SpecAugmentConfig(Section):
     freq_width: NonNegativeInt
 
 
+class DistributedConfig(Section):
+    """DDP through torchrun: processes per node, nodes, and node 0's host:port when nnodes > 1."""
+    nproc: AtLeast1
+    nnodes: AtLeast1
+    rdzv_endpoint: str
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self):
+        if self.nnodes > 1 and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.rdzv_endpoint):
+            raise rule_error("rdzv_endpoint", self.rdzv_endpoint, "node 0's host:port when nnodes > 1")
+        return self
+
+
 class TrainConfig(Section):
     epochs: AtLeast1
     batch_size: AtLeast1
@@ -124,6 +137,7 @@ class TrainConfig(Section):
     checkpoint_minutes: Annotated[float, Field(gt=0.0)]  # a mid-epoch resume checkpoint at least this often
     oom: Literal["split", "fail"]  # out of memory: retry the batch as micro-batches, or stop
     specaugment: SpecAugmentConfig
+    distributed: DistributedConfig
 
 
 class TrackingConfig(Section):

@@ -8,6 +8,10 @@ import sys
 class CtclabError(Exception):
     """A problem the user can fix: the message names the file or key, what was found, what is expected."""
 
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 def one_line_errors(main):
     """Wrap an entry point so a CtclabError prints `ctclab: <message>` and exits with status 2 (or
@@ -19,6 +23,6 @@ def one_line_errors(main):
             return main(*args, **kwargs)
         except CtclabError as err:
             print(f"ctclab: error: {err}", file=sys.stderr)
-            sys.exit(getattr(err, "exit_code", 2))
+            sys.exit(err.exit_code)
 
     return wrapper

@@ -319,7 +319,7 @@ def find_parent(configured_uri: str, experiment: str, root: Path, study: str, sm
         return None
     found = mlflow.MlflowClient().search_runs(
         [exp.experiment_id], f"tags.ctclab_study_parent = '{study}' and tags.smoke = '{str(smoke).lower()}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        order_by=["attributes.start_time ASC"], max_results=1)
     return ParentRun(found[0].info.run_id, exp.experiment_id) if found else None
 
 
@@ -332,6 +332,12 @@ def create_parent(configured_uri: str, experiment: str, root: Path, study: str, 
                                   "question": question})
     client.log_text(run.info.run_id, study_yaml, "study.yaml")
     client.set_terminated(run.info.run_id)
+    # Two machines sharing a server may both have found no parent and created one: every study run
+    # settles on the earliest, and a later duplicate is deleted, so all seeds gather under one parent.
+    earliest = find_parent(configured_uri, experiment, root, study, smoke)
+    if earliest is not None and earliest.run_id != run.info.run_id:
+        client.delete_run(run.info.run_id)
+        return earliest
     return ParentRun(run.info.run_id, exp_id)
 
 

@@ -6,7 +6,8 @@ CUDA: autocast (bf16 where supported, else fp16 + grad scaler), packed sequences
 pinned memory. CPU: the unpacked BiLSTM path, deterministic algorithms, full seeding, so a rerun
 (and a resumed run) is bit-identical. Batches group similar lengths; their order is seeded per
 epoch. Checkpoints (see ctclab.checkpoint): models/best.pt (by dev greedy distance),
-models/last.pt, and a resume slot that an interrupted train stage continues from.
+models/last.pt, and a resume slot that an interrupted train stage continues from. Under DDP
+(train.distributed, see ctclab.distributed) every rank runs this; rank 0 logs and writes.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, models, storage, tracking
+from . import checkpoint, distributed, models, storage, tracking
 from .batching import Batch, bucket_batches, feasible, loader
 from .config import Params, TrainConfig, flatten
 from .data import Shard
@@ -100,8 +101,7 @@ class TrainingInterrupted(CtclabError):
     """SIGINT/SIGTERM: the training stopped at a batch boundary after saving where it was."""
 
     def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        super().__init__(message, exit_code=128 + signum)  # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 
 class StopSignals:
@@ -137,14 +137,20 @@ def backward(model, batch: Batch, ctc, scaler, dtype, weight: float) -> torch.Te
     return loss.detach()
 
 
-def fitting_backward(model, batch: Batch, ctc, scaler, dtype, oom: str, optimizer) -> torch.Tensor:
-    """Gradients of the batch's mean loss. Out of memory, with train.oom: split, the batch goes
-    through again as micro-batches of half the size (and half again…), each loss weighted by its
-    share, so the accumulated gradient is the whole batch's (BatchNorm sees smaller batches)."""
+def fitting_backward(model, batch: Batch, ctc, scaler, dtype, oom: str, optimizer,
+                     per_rank: float | None = None) -> torch.Tensor:
+    """Gradients of the global batch's mean loss; returns this batch's summed loss (float64).
+    `per_rank`: the global batch's utterances per rank under DDP (which averages the ranks'
+    gradients), else this batch's size. Out of memory, with train.oom: split, the batch goes through
+    again as micro-batches of half the size (and half again…), each loss weighted by its share, so
+    the accumulated gradient is the whole batch's (BatchNorm sees smaller batches). Under DDP an
+    out-of-memory stops the group instead: each micro-batch's backward would be a collective."""
     size, n = len(batch.labels), len(batch.labels)
+    per_rank = per_rank or n
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     while True:
         try:
-            return sum(backward(model, part, ctc, scaler, dtype, len(part.labels) / n) * (len(part.labels) / n)
+            return sum(backward(model, part, ctc, scaler, dtype, len(part.labels) / per_rank).double() * len(part.labels)
                        for part in batch.chunks(size))
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
@@ -152,45 +158,84 @@ def fitting_backward(model, batch: Batch, ctc, scaler, dtype, oom: str, optimize
                 torch.cuda.empty_cache()
             where = (f"out of memory on a batch of {n} utterances (longest {int(batch.lengths.max())} frames, "
                      f"{models.parameter_count(model):,} parameters)")
-            if oom == "fail" or size == 1:
-                raise CtclabError(f"train: {where}{' even one at a time' if size == 1 else ''}; lower "
-                                  "train.batch_size or model size (or set train.oom: split)") from None
+            if oom == "fail" or size == 1 or ddp:
+                how = " even one at a time" if size == 1 else " (under train.distributed a rank cannot split alone)" if ddp else ""
+                raise CtclabError(f"train: {where}{how}; lower train.batch_size or model size"
+                                  f"{'' if ddp else ' (or set train.oom: split)'}") from None
             size = (size + 1) // 2
             print(f"train: {where}; retrying as micro-batches of ≤ {size} with accumulated gradients "
                   "(same effective batch)", file=sys.stderr)
 
 
+class MidEpoch:
+    """Mid-epoch resume checkpoints: one is due every train.checkpoint_minutes and when SIGINT or
+    SIGTERM arrived; the ranks agree on it at a sync point (any rank's wish counts), all hand in
+    their RNG states, rank 0 writes, and a stop request then ends the training."""
+
+    def __init__(self, t: "Training", epoch: int, run, stop: StopSignals, n_batches: int):
+        self.t, self.epoch, self.run, self.stop, self.n_batches = t, epoch, run, stop, n_batches
+        self.last_save = time.monotonic()
+
+    def wishes(self, step: int) -> tuple[bool, bool]:
+        """(stop, save) as this rank sees them after batch `step`."""
+        timed = time.monotonic() - self.last_save >= 60 * self.t.cfg.checkpoint_minutes and step < self.n_batches
+        return self.stop.signum is not None, timed
+
+    def save(self, step: int, totals: tuple[float, int], stopping: bool) -> None:
+        t = self.t
+        t.state.batch, (t.state.loss_sum, t.state.seen) = step, totals
+        ckpt = t.checkpoint()
+        if t.group.main:
+            checkpoint.write_resume(ckpt, t.resume_path, self.run.run_id)
+        self.last_save = time.monotonic()
+        if stopping:
+            signum = self.stop.signum or signal.SIGTERM  # a peer's signal: torchrun sends SIGTERM
+            raise TrainingInterrupted(signum, f"train: stopped by {signal.Signals(signum).name} in epoch "
+                                      f"{self.epoch + 1}/{t.cfg.epochs} after batch {step}/{self.n_batches}; "
+                                      f"{t.resume_path} holds it and the next `dvc repro` continues from there")
+
+
 def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, cfg: TrainConfig,
                 aug_gen: torch.Generator, device: torch.device, desc: str, progress: bool,
-                start: int = 0, done: tuple[float, int] = (0.0, 0), after_batch=None) -> tuple[float, int]:
-    """One pass over `batches` from batch `start` on (a resumed epoch: `done` = loss sum and
-    utterances of the batches before); returns (mean train loss per utterance, utterances seen).
-    The loss is summed on the device (in float64) and read back every SYNC_EVERY steps on CUDA.
-    `after_batch(step, totals)` runs after every optimizer step (checkpoints, stop requests)."""
+                start: int = 0, done: tuple[float, int] = (0.0, 0), mid: MidEpoch | None = None,
+                group: distributed.Group = distributed.SINGLE) -> tuple[float, int]:
+    """One pass over the global `batches` from batch `start` on (a resumed epoch: `done` = loss sum
+    and utterances of the batches before, counted once, on rank 0); each rank trains on its share.
+    Returns (mean train loss per utterance, utterances seen) over all ranks. The loss is summed on
+    the device (float64) and read back, summed over the ranks, at sync points: every step on the
+    CPU, every SYNC_EVERY steps on CUDA; there `mid` may write a resume checkpoint and stop."""
     from tqdm import tqdm
 
     model.train()
     dtype = amp_dtype(device, cfg.amp)
     ctc = nn.CTCLoss(blank=0, reduction="mean", zero_infinity=False)
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-    t0, seen = time.perf_counter(), done[1]
+    t0, seen, totals = time.perf_counter(), done[1], (done[0], done[1])
     loss_sum = torch.tensor(done[0], dtype=torch.float64, device=device)
+    frames = train_set.frames()
+    # every share of a batch is padded to the batch's longest utterance: what one process would see
+    shares = [(group.share(b), int(frames[b].max())) for b in batches[start:]]
     rng = torch.get_rng_state()
-    batch_iter = iter(loader(train_set, batches[start:], cfg.loader_workers, device))
+    batch_iter = iter(loader(train_set, [s for s, _ in shares], cfg.loader_workers, device,
+                             pad_to=[p for _, p in shares] if group.world > 1 else None))
     if start:  # the epoch's loader already drew its seed from torch's RNG before the checkpoint
         torch.set_rng_state(rng)
-    bar = tqdm(batch_iter, total=len(batches), initial=start, desc=desc, unit="batch", disable=not progress,
-               file=sys.stderr, leave=False, mininterval=1 if sys.stderr.isatty() else 30)
+    bar = tqdm(batch_iter, total=len(batches), initial=start, desc=desc, unit="batch",
+               disable=not (progress and group.main), file=sys.stderr, leave=False,
+               mininterval=1 if sys.stderr.isatty() else 30)
     for step, batch in enumerate(bar, start + 1):
         batch.features = spec_augment(batch.features, batch.lengths, cfg.specaugment, aug_gen)
         batch = batch.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = fitting_backward(model, batch, ctc, scaler, dtype, cfg.oom, optimizer)
-        loss_sum += loss.double() * len(batch.labels)
+        loss_sum += fitting_backward(model, batch, ctc, scaler, dtype, cfg.oom, optimizer,
+                                     len(batches[step - 1]) / group.world)
         seen += len(batch.labels)
+        stopping = saving = False
         if step % sync_every == 0 or step == len(batches):
-            total = loss_sum.item()
-            if not math.isfinite(total):
+            wishes = mid.wishes(step) if mid is not None else (False, False)
+            summed = group.sum(torch.stack([loss_sum, *loss_sum.new_tensor([seen, *wishes])])).tolist()
+            totals, (stopping, saving) = (summed[0], int(summed[1])), (summed[2] > 0, summed[3] > 0)
+            if not math.isfinite(totals[0]):
                 first = max(start + 1, step - sync_every + 1)
                 ids = [train_set.ids[i] for b in batches[first - 1:step] for i in b]
                 raise CtclabError(f"{desc}: non-finite CTC loss in batch{'es' if step > first else ''} "
@@ -198,16 +243,17 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
                                   f"{', '.join(ids[:6])}{' …' if len(ids) > 6 else ''}); the checkpoints of the epochs "
                                   "before are kept; lower train.lr or check those utterances")
             # refresh=False: in a log (not a terminal) the bar then writes at most every mininterval
-            bar.set_postfix(loss=f"{total / seen:.3f}", utt_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+            bar.set_postfix(loss=f"{totals[0] / totals[1]:.3f}",
+                            utt_s=f"{totals[1] / (time.perf_counter() - t0):.0f}", refresh=False)
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         if cfg.scheduler == "cosine":
             scheduler.step()
-        if after_batch is not None:
-            after_batch(step, lambda: (loss_sum.item(), seen))
-    return loss_sum.item() / seen, seen
+        if stopping or saving:
+            mid.save(step, totals, stopping)
+    return totals[0] / totals[1], totals[1]
 
 
 def summarize(history: list[dict], parameters: int, infeasible: dict) -> dict:
@@ -256,7 +302,9 @@ def data_input(params: Params, meta: dict, data_dir: Path) -> tracking.DataInput
 class Training:
     """Everything one training loop touches (built by `train`)."""
     cfg: TrainConfig
-    model: models.CTCModel
+    model: models.CTCModel   # what checkpoints and evaluation use
+    net: nn.Module           # what the training steps call: the model, or its DDP wrapper
+    group: distributed.Group
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
@@ -271,32 +319,24 @@ class Training:
     resume_path: Path
 
     def checkpoint(self) -> dict:
-        return checkpoint.state(self.model, self.optimizer, self.scheduler, self.scaler, self.aug_gen, self.device,
-                                self.state)
+        """The training's state; under DDP with every rank's RNG states (a collective: all ranks call it)."""
+        rngs = self.group.gather(checkpoint.rng_states(self.aug_gen, self.device))
+        return checkpoint.state(self.model, self.optimizer, self.scheduler, self.scaler, rngs, self.state)
 
 
-def run_epoch(t: Training, epoch: int, run: tracking.RunLog, stop: StopSignals, progress: bool) -> None:
+def run_epoch(t: Training, epoch: int, run: tracking.RunLog | None, stop: StopSignals, progress: bool) -> None:
     """One epoch (from where a resumed one stopped): train, score dev, log, checkpoint. Mid-epoch,
-    a resume checkpoint every train.checkpoint_minutes and when a stop signal arrives."""
-    cfg, state, t0 = t.cfg, t.state, time.perf_counter()
-    batches = [t.train_idx[b] for b in bucket_batches(t.train_set.frames()[t.train_idx], cfg.batch_size, cfg.seed, epoch)]
-    last_save = time.monotonic()
-
-    def after_batch(step: int, totals) -> None:
-        nonlocal last_save
-        if stop.signum is None and (time.monotonic() - last_save < 60 * cfg.checkpoint_minutes or step == len(batches)):
-            return
-        state.batch, (state.loss_sum, state.seen) = step, totals()
-        checkpoint.write_resume(t.checkpoint(), t.resume_path, run.run_id)
-        last_save = time.monotonic()
-        if stop.signum is not None:
-            raise TrainingInterrupted(stop.signum, f"train: stopped by {signal.Signals(stop.signum).name} in epoch "
-                                      f"{epoch + 1}/{cfg.epochs} after batch {step}/{len(batches)}; {t.resume_path} "
-                                      "holds it and the next `dvc repro` continues from there")
-
+    a resume checkpoint every train.checkpoint_minutes and when a stop signal arrives. Every rank
+    scores dev itself (same weights, same scores: the plateau scheduler and `best` stay in step);
+    rank 0 (`run` is None elsewhere) logs and writes."""
+    cfg, state, group, t0 = t.cfg, t.state, t.group, time.perf_counter()
+    frames = t.train_set.frames()[t.train_idx]
+    batches = [t.train_idx[b] for b in bucket_batches(frames, cfg.batch_size, cfg.seed, epoch, group.world)]
     desc = f"epoch {epoch + 1}/{cfg.epochs}"
-    train_loss, seen = train_epoch(t.model, t.train_set, batches, t.optimizer, t.scheduler, t.scaler, cfg, t.aug_gen,
-                                   t.device, desc, progress, state.batch, (state.loss_sum, state.seen), after_batch)
+    done = (state.loss_sum, state.seen) if group.main else (0.0, 0)
+    train_loss, seen = train_epoch(t.net, t.train_set, batches, t.optimizer, t.scheduler, t.scaler, cfg, t.aug_gen,
+                                   t.device, desc, progress, state.batch, done, MidEpoch(t, epoch, run, stop, len(batches)),
+                                   group)
     train_seconds = time.perf_counter() - t0
     dev_loss, hyps, _ = evaluate_split(t.model, t.dev_set, 2 * cfg.batch_size, t.device, amp=cfg.amp)
     s = score(hyps["greedy"], t.dev_refs)
@@ -306,53 +346,89 @@ def run_epoch(t: Training, epoch: int, run: tracking.RunLog, stop: StopSignals, 
            "dev_lev_greedy": round(s.mean_distance, 6), "dev_per": round(s.per, 6),
            "lr": t.optimizer.param_groups[0]["lr"]}
     timing = {"epoch_seconds": time.perf_counter() - t0, "utterances_per_second": seen / train_seconds}
+    improved = s.mean_distance < state.best
+    state.epoch, state.best, state.batch, state.loss_sum, state.seen = epoch + 1, min(state.best, s.mean_distance), 0, 0.0, 0
+    state.history.append(row)
+    ckpt = t.checkpoint()  # serialised below, after run.send has taken what it sent out of state.unsent
+    if not group.main:
+        return
     state.unsent.append(({**{k: v for k, v in row.items() if k != "epoch"}, **timing}, epoch + 1))
     run.send(state.unsent)  # a lost tracking server must not stop the training
     print(f"{desc}: train loss {row['train_loss']:.3f}, dev loss {dev_loss:.3f}, dev greedy distance "
           f"{s.mean_distance:.3f}, PER {s.per:.1%} ({timing['epoch_seconds']:.0f} s)", file=sys.stderr)
-    improved = s.mean_distance < state.best
-    state.epoch, state.best, state.batch, state.loss_sum, state.seen = epoch + 1, min(state.best, s.mean_distance), 0, 0.0, 0
-    state.history.append(row)
-    checkpoint.write_epoch(t.checkpoint(), t.out_dir, t.resume_path, improved, run.run_id)
+    checkpoint.write_epoch(ckpt, t.out_dir, t.resume_path, improved, run.run_id)
 
 
 def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Training, dict, dict]:
-    """Seeded model, optimizer, scheduler and data — resumed from the resume slot when one matches."""
+    """Seeded model, optimizer, scheduler and data — resumed from the resume slot when one matches.
+    Under DDP rank 0 reads the slot and every rank resumes from its broadcast copy (no shared disk)."""
     cfg = params.train
     meta = read_meta(data_dir)
     device = select_device(cfg.device)
-    seed_everything(cfg.seed, device)
+    group = distributed.join(device)
+    device = distributed.device_of(group, device)
+    seed_everything(cfg.seed, device)  # the same initial weights on every rank
     train_set, dev_set = Shard(data_dir / "train"), Shard(data_dir / "dev")
     model = models.build(params.model, train_set.feature_dim).to(device)
     train_idx, infeasible = trainable(train_set, dev_set, model, data_dir)
+    net = group.wrap(model, device)
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg, math.ceil(len(train_idx) / cfg.batch_size))
+    steps_per_epoch = len(bucket_batches(train_set.frames()[train_idx], cfg.batch_size, cfg.seed, 0, group.world))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, cfg.amp) == torch.float16)
     aug_gen = torch.Generator().manual_seed(cfg.seed)
+    if group.rank:  # dropout and augmentation draw differently on each rank's share
+        torch.manual_seed(cfg.seed + 7919 * group.rank)
+        aug_gen.manual_seed(cfg.seed + 7919 * group.rank)
     fingerprint = checkpoint.fingerprint(params, meta["data_hash"], f"{device.type}:{amp_dtype(device, cfg.amp)}")
     resume_path = root / checkpoint.RESUME_DIR / f"{fingerprint}.pt"
-    state = checkpoint.resume(resume_path, model, optimizer, scheduler, scaler, aug_gen, device) if cfg.resume == "auto" else None
-    if state is not None:
-        print(f"train: resuming epoch {state.epoch + 1} after batch {state.batch} from {resume_path}", file=sys.stderr)
+    saved = group.broadcast(checkpoint.load_resume(resume_path) if cfg.resume == "auto" and group.main else None)
+    if saved is not None:
+        state = checkpoint.restore(saved, model, optimizer, scheduler, scaler, aug_gen, device, group.rank)
+        if group.main:
+            print(f"train: resuming epoch {state.epoch + 1} after batch {state.batch} from {resume_path}", file=sys.stderr)
     else:
         state = checkpoint.Progress()
-        for stale in (out_dir / "best.pt", out_dir / "last.pt"):
-            stale.unlink(missing_ok=True)
-    t = Training(cfg, model, optimizer, scheduler, scaler, aug_gen, device, train_set, dev_set, dev_set.references(),
-                 train_idx, state, out_dir, resume_path)
+        if group.main:
+            for stale in (out_dir / "best.pt", out_dir / "last.pt"):
+                stale.unlink(missing_ok=True)
+    t = Training(cfg, model, net, group, optimizer, scheduler, scaler, aug_gen, device, train_set, dev_set,
+                 dev_set.references(), train_idx, state, out_dir, resume_path)
     return t, meta, infeasible
 
 
 def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str | Path = "models",
           metrics_dir: str | Path = "metrics", root: str | Path = ".", progress: bool = True) -> dict:
+    """Train (resuming an interrupted run with the same params); rank 0's summary and MLflow run id.
+    Under DDP every rank calls this; rank 0 logs and writes, the others `follow`."""
     data_dir, out_dir, metrics_dir, root = Path(data_dir), Path(out_dir), Path(metrics_dir), Path(root)
     t, meta, infeasible = setup(params, data_dir, out_dir, root)
+    try:
+        if not t.group.main:
+            return follow(t, infeasible)
+        return lead(t, params, meta, infeasible, data_dir, out_dir, metrics_dir, root, progress)
+    finally:
+        t.group.close()
+
+
+def follow(t: Training, infeasible: dict) -> dict:
+    """A DDP rank other than 0: the same epochs on its shares, nothing logged or written."""
+    t.state.run_id = t.group.broadcast(None)
+    with StopSignals() as stop:
+        for epoch in range(t.state.epoch, t.cfg.epochs):
+            run_epoch(t, epoch, None, stop, progress=False)
+    return {**summarize(t.state.history, models.parameter_count(t.model), infeasible), "mlflow_run_id": t.state.run_id}
+
+
+def lead(t: Training, params: Params, meta: dict, infeasible: dict, data_dir: Path, out_dir: Path,
+         metrics_dir: Path, root: Path, progress: bool) -> dict:
+    """Rank 0 (the only process without DDP): the training, its MLflow run and its files."""
     device, state = t.device, t.state
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
     tags = {**tracking.provenance_tags(root, meta["data_hash"], str(device), device_name(device)),
             "parameter_count": models.parameter_count(t.model), "amp_dtype": str(amp_dtype(device, t.cfg.amp)),
-            **{f"infeasible_{k}": v for k, v in infeasible.items()}}
+            "world_size": t.group.world, **{f"infeasible_{k}": v for k, v in infeasible.items()}}
     if params.study.name:
         tags.update({"study": params.study.name, "variant": params.study.variant, "seed": t.cfg.seed})
     name, parent = run_identity(params)
@@ -360,7 +436,7 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
                                                         state.run_id, logged, tags, name, parent) as run:
         if state.run_id is None:
             run.log_data(data_input(params, meta, data_dir))
-        state.run_id = run.run_id
+        state.run_id = t.group.broadcast(run.run_id)
         try:
             for epoch in range(state.epoch, t.cfg.epochs):
                 run_epoch(t, epoch, run, stop, progress)

@@ -1,0 +1,262 @@
+"""Training on several processes: PyTorch DDP, launched by torchrun's launcher.
+
+    train.distributed: {nproc: 2, nnodes: 1, rdzv_endpoint: ""}   # then: dvc repro
+
+With `nproc > 1` or `nnodes > 1` the train stage re-runs its own script under
+`torch.distributed.run` (what the `torchrun` command calls), so `dvc repro` stays the entry point;
+each worker joins one process group (NCCL on CUDA, gloo on the CPU). Every bucketed batch is split
+into one contiguous share per rank, all padded to the whole batch's longest utterance, and
+BatchNorm statistics span the whole batch (torch's SyncBatchNorm on CUDA; on the CPU, where
+SyncBatchNorm does not run, `CrossRankBatchNorm1d`), so N ranks compute what one process computes
+for the same global batch (train.batch_size), up to float summation order. Only rank 0 talks to
+MLflow and writes files. A failed worker ends the group; the launcher prints one line naming the
+rank that failed first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import DistributedConfig
+from .errors import CtclabError
+
+# Set by `launch` for its workers: the launcher, not each worker, reports a worker's CtclabError.
+LAUNCHED_ENV = "CTCLAB_DDP_LAUNCHED"
+
+
+def wanted(cfg: DistributedConfig) -> bool:
+    return cfg.nproc > 1 or cfg.nnodes > 1
+
+
+def is_worker() -> bool:
+    """True inside a process that torchrun started (it sets WORLD_SIZE, RANK, LOCAL_RANK)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def torchrun_args(cfg: DistributedConfig, script: str, script_args: list[str]) -> list[str]:
+    """torchrun's arguments: on one node a standalone rendezvous on a free local port; on several,
+    a static rendezvous at `rdzv_endpoint` (node 0's host:port) with this node's rank taken from
+    PET_NODE_RANK (torchrun's own variable; 0 on the node that runs `dvc repro`)."""
+    args = [f"--nproc-per-node={cfg.nproc}", f"--nnodes={cfg.nnodes}", "--max-restarts=0"]
+    args += ["--standalone"] if cfg.nnodes == 1 else [f"--rdzv-endpoint={cfg.rdzv_endpoint}"]
+    return [*args, script, *script_args]
+
+
+def launch(cfg: DistributedConfig, device: torch.device, script: str, script_args: list[str] | None = None) -> None:
+    """Run `script` on cfg.nproc processes of this node through torchrun's launcher; returns when
+    all succeeded. A failure raises one CtclabError naming the first failed rank and its message."""
+    if device.type == "cuda" and cfg.nproc > torch.cuda.device_count():
+        raise CtclabError(f"params.yaml: train.distributed.nproc = {cfg.nproc}, but this node has "
+                          f"{torch.cuda.device_count()} CUDA device(s); expected at most that many processes")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun's own warnings and failure tables would bury the one line that matters (its loggers
+    # take their level from LOGLEVEL when created, so each one is set)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHED_ENV] = "1"
+    # torchrun would set 1 thread per worker; a CPU run gets its share of the cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    try:
+        run(parse_args(torchrun_args(cfg, script, script_args or [])))
+    except ChildFailedError as err:
+        rank, failure = first_failure(err.failures)
+        world = cfg.nproc * cfg.nnodes
+        raise CtclabError(f"train: rank {rank} of {world} failed ({failure_text(failure)}); "
+                          "torchrun stopped the other ranks", exit_code=_exit_code(failure.exitcode)) from None
+    except SignalException as err:
+        raise CtclabError(f"train: stopped by {err.sigval.name}; the workers wrote where they were and the next "
+                          "`dvc repro` continues from there", exit_code=128 + int(err.sigval)) from None
+
+
+def failure_text(failure) -> str:
+    """The worker's own one line (from its error file), else how it ended."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    for prefix in ("CtclabError: ", "TrainingInterrupted: "):
+        message = message.removeprefix(prefix)
+    return message or f"exit code {failure.exitcode}"
+
+
+def first_failure(failures: dict) -> tuple[int, object]:
+    """The failure to report: not a rank that only lost its peer (PeerLost); a worker's own error
+    (CtclabError) before any other end (a signal, a crash); then the earliest, then the lowest rank."""
+    def key(item):
+        rank, failure = item
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        return (message.startswith("PeerLost"), not message.startswith(("CtclabError", "TrainingInterrupted")),
+                failure.timestamp, rank)
+
+    return min(failures.items(), key=key)
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else (code or 1)
+
+
+@contextmanager
+def worker_errors():
+    """In a torchrun worker: a failure goes to torchrun's error file, where the launcher reads the
+    rank's message. A CtclabError then ends the worker quietly when `launch` prints it (else it
+    goes on to the usual one line, prefixed with the rank); anything else keeps its traceback."""
+    if not is_worker():
+        yield
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    try:
+        yield
+    except CtclabError as err:
+        ErrorHandler().record_exception(err)
+        if os.environ.get(LAUNCHED_ENV) == "1":
+            sys.exit(err.exit_code)
+        raise CtclabError(f"rank {os.environ.get('RANK')}: {err}", err.exit_code) from None
+    except Exception as err:
+        if not _peer_lost(err):
+            ErrorHandler().record_exception(err)
+            raise
+        # another rank died mid-collective: that rank's failure is the one to report
+        ErrorHandler().record_exception(PeerLost(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+        if os.environ.get(LAUNCHED_ENV) == "1":
+            sys.exit(1)
+        raise CtclabError(f"rank {os.environ.get('RANK')}: a collective failed, another rank has probably "
+                          f"failed first ({str(err).splitlines()[0][:200]})") from None
+
+
+class PeerLost(Exception):
+    """Recorded by a rank whose collective broke because another rank ended."""
+
+
+def _peer_lost(err: Exception) -> bool:
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in ("gloo", "Connection closed by peer",
+                                                                      "Connection reset by peer", "NCCL"))
+
+
+@dataclass
+class Group:
+    """This process's place among the training processes (rank 0 of 1 without DDP)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: np.ndarray) -> np.ndarray:
+        """This rank's contiguous part of a global batch (the sizes differ by at most one)."""
+        return batch if self.world == 1 else np.array_split(batch, self.world)[self.rank]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over the ranks (a copy; `values` as is with one process)."""
+        if self.world == 1:
+            return values
+        out = values.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module the training steps call: `model` itself, or under DDP with its BatchNorm layers
+        made cross-rank (the checkpointed state dict keeps plain BatchNorm's keys)."""
+        if self.world == 1:
+            return model
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            _cross_rank_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        # Buffers need no broadcast: cross-rank BatchNorm keeps the running statistics equal everywhere.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+SINGLE = Group()
+
+
+def join(device: torch.device) -> Group:
+    """Join torchrun's process group when this process is one of its workers; else SINGLE. On
+    CUDA each worker takes the GPU of its local rank."""
+    if not is_worker() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return SINGLE
+    group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(group.local_rank)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return group
+
+
+def device_of(group: Group, device: torch.device) -> torch.device:
+    return torch.device("cuda", group.local_rank) if device.type == "cuda" and group.world > 1 else device
+
+
+class CrossRankBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the whole global batch, summed over the
+    ranks with differentiable all-reduces (two passes: mean, then variance). For gloo on the CPU
+    only: torch's SyncBatchNorm refuses CPU tensors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims, channels = ([0, 2] if x.dim() == 3 else [0]), x.shape[1]
+        # the shares may differ in size by one utterance: the count is summed too
+        sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // channels])]))
+        mean, count = sums[:channels] / sums[channels], sums[channels].item()
+        centred = x - (mean[:, None] if x.dim() == 3 else mean)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / max(1, count - 1), self.momentum)
+        shape = (1, -1, 1) if x.dim() == 3 else (1, -1)
+        return centred / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """A differentiable sum over the ranks (its backward sums the gradients likewise)."""
+    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+    with warnings.catch_warnings():  # it warns that it is deprecated for the functional collectives,
+        warnings.simplefilter("ignore", FutureWarning)  # which have no backward for all_reduce
+        return differentiable_all_reduce(t)
+
+
+def _cross_rank_batchnorm(model: nn.Module) -> None:
+    """Only the forward changes: the same parameter objects stay (the optimizer may hold them)."""
+    for module in model.modules():
+        if type(module) is nn.BatchNorm1d:
+            module.__class__ = CrossRankBatchNorm1d
+
