@@ -3,6 +3,7 @@
     python bench/train_speed.py --device cuda                       # 28,539 utterances, batch 64
     python bench/train_speed.py --device cuda --batch-size 256
     python bench/train_speed.py --device cpu --utterances 64 --epochs 1
+    python bench/train_speed.py --device cuda --compile              # train.compile: true
 
 The data are random features with train-clean-100's shape: 28,539 utterances, ~N(1270, 370)
 frames clipped to [150, 2450] (mean ~12.7 s at 10 ms), ~1 label per 8.5 frames, 13 dims — nothing
@@ -26,7 +27,7 @@ from torch import nn
 from ctclab.batching import bucket_batches
 from ctclab.config import load_params, with_overrides
 from ctclab.inference import amp_dtype, device_name, select_device
-from ctclab.models import build, parameter_count
+from ctclab.models import build, compile_parts, parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_A3 = {"model.arch": "conv_lstm", "model.hidden": 256, "model.lstm_layers": 4, "model.embed_dim": 256,
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=5, help="batches run before timing (cuDNN plans, allocator)")
     ap.add_argument("--profile", type=int, default=0, help="also profile this many batches: top kernels by time")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the non-recurrent parts")
     ap.add_argument("--lstm-autocast", action="store_true",
                     help="run the LSTM under autocast as PyTorch would (cuDNN in reduced precision) instead of ctclab's fp32")
     args = ap.parse_args()
@@ -107,6 +109,8 @@ def main() -> None:
     params = with_overrides(load_params(REPO / "params.yaml"), SEED_A3, "train_speed")
     torch.manual_seed(0)
     model = build(params.model, 13).to(device).train()
+    if args.compile:
+        compile_parts(model)  # compiled during the warmup batches
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     dtype, gen = amp_dtype(device), torch.Generator(device=device).manual_seed(0)
     frames, labels = shapes(args.utterances)
@@ -117,7 +121,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     print(f"A3 {parameter_count(model) / 1e6:.2f} M params on {device_name(device)}; {args.utterances} utterances, "
           f"mean {frames.mean():.0f} frames, {labels.mean():.0f} labels; batch {args.batch_size}; amp {dtype}; "
-          f"LSTM {'under autocast' if args.lstm_autocast else 'in fp32'}")
+          f"LSTM {'under autocast' if args.lstm_autocast else 'in fp32'}; {'compiled' if args.compile else 'eager'}")
     print(f"{'epoch':>5}{'seconds':>9}{'utt/s':>9}{'data s':>8}{'padding':>9}{'loss':>9}{'peak GiB':>10}")
     for epoch in range(args.epochs):
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 from conftest import make_spring2022
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.data import preprocess
-from ctclab.inference import load_checkpoint
+from ctclab.inference import load_checkpoint, load_model
 from ctclab.models import BiLSTM, build
 from project import NEUTRAL, config, interrupt_training, merge, project_with_data, run_train
 
@@ -39,6 +39,14 @@ def test_each_architecture_trains_an_epoch_on_cuda(tmp_path, processed, arch):
     assert result["epochs"] == 1 and result["final_train_loss"] == result["final_train_loss"]  # not NaN
     ckpt = load_checkpoint(project / "models/last.pt")
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())  # loadable anywhere
+
+
+def test_compiled_training_runs_and_its_checkpoint_loads_uncompiled(tmp_path, processed):
+    project = cuda_project(tmp_path, processed, {"train": {"epochs": 1, "compile": True}})
+    result = run_train(project)
+    assert result["final_train_loss"] == result["final_train_loss"]  # not NaN
+    model = load_model(project / "models/best.pt")  # a plain module: the compiled one kept its keys
+    assert not any("_orig_mod" in k for k in model.state_dict())
 
 
 @pytest.mark.parametrize("amp, scaled", [("bf16", False), ("fp16", True)])

@@ -46,7 +46,9 @@ def test_two_gloo_ranks_learn_what_one_process_learns_and_log_one_run(two_ranks,
     single = project_with_data(tmp_path, processed, SAME_MATH)
     run_train(single)
     one, two = history(single), history(project)
-    print("1 process:", one, "\n2 ranks:  ", two, sep="\n")  # the closing note quotes these
+    print("\nepoch | train_loss 1 process | train_loss 2 ranks | dev_loss 1 process | dev_loss 2 ranks")
+    for a, b in zip(one, two):  # README and the closing note quote this table
+        print(f"{a['epoch']:.0f} | {a['train_loss']:.6f} | {b['train_loss']:.6f} | {a['dev_loss']:.6f} | {b['dev_loss']:.6f}")
     assert [r["epoch"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)

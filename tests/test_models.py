@@ -135,3 +135,13 @@ def test_a_checkpoint_spec_is_validated_when_rebuilt():
     spec["config"]["hidden"] = "24"
     with pytest.raises(CtclabError, match="model_spec: hidden = '24', expected an integer"):
         from_spec(spec)
+
+
+def test_compiled_parts_keep_the_state_dict_a_checkpoint_needs():
+    """train.compile compiles in place: a compiled training's checkpoint loads into a plain model."""
+    from ctclab.models import compile_parts
+
+    plain = build(config("model", hidden=8, embed_dim=8), 13)
+    compiled = compile_parts(build(config("model", hidden=8, embed_dim=8), 13))
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(compiled.state_dict())

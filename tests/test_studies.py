@@ -145,8 +145,10 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
     project = study_project(tmp_path, study)
     # Ctrl-C while the runner waits: one line; the queued experiments go on, and the same command
     # run again waits for them instead of queueing them twice
+    # a terminal's Ctrl-C: SIGINT at its default even when the tests run in a background job (which ignores it)
     runner = subprocess.Popen([sys.executable, "-m", "ctclab", "study", "run", "experiments/beam_smoke.yaml", "--smoke",
-                               "-j", "1"], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "-j", "1"], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "2 experiments queued" in runner.stdout.readline()
     runner.send_signal(signal.SIGINT)
     _, err = runner.communicate(timeout=300)

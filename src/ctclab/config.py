@@ -136,6 +136,7 @@ class TrainConfig(Section):
     resume: Literal["auto", "never"]
     checkpoint_minutes: Annotated[float, Field(gt=0.0)]  # a mid-epoch resume checkpoint at least this often
     oom: Literal["split", "fail"]  # out of memory: retry the batch as micro-batches, or stop
+    compile: bool  # torch.compile the non-recurrent parts (models.compile_parts)
     specaugment: SpecAugmentConfig
     distributed: DistributedConfig
 

@@ -203,5 +203,15 @@ def from_spec(spec: dict) -> CTCModel:
     return CTCModel(cfg, spec["input_dim"], spec["num_classes"])
 
 
+def compile_parts(model: CTCModel) -> CTCModel:
+    """torch.compile, in place (state-dict keys unchanged), the parts whose many small ops fuse: the
+    conv front end, A2's ConvNeXt stages and the head. The BiLSTM stays eager: cuDNN runs it as one
+    kernel per layer on CUDA, and the CPU path is torch.lstm already. Shapes vary with every
+    bucketed batch, hence dynamic shapes (one graph, not one per length)."""
+    for part in (model.front, model.head, *([] if isinstance(model.body, BiLSTM) else [model.body])):
+        part.compile(dynamic=True)
+    return model
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

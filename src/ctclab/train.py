@@ -371,6 +371,8 @@ def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Tr
     train_set, dev_set = Shard(data_dir / "train"), Shard(data_dir / "dev")
     model = models.build(params.model, train_set.feature_dim).to(device)
     train_idx, infeasible = trainable(train_set, dev_set, model, data_dir)
+    if cfg.compile:
+        models.compile_parts(model)
     net = group.wrap(model, device)
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
