@@ -70,6 +70,10 @@ timeout 60 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup
     | tee "$OUT_DIR/lstm_autocast_b64.log" | tail -2
 secs() { awk '$1 == "1" {print $2 " s (" $3 " utt/s)"}' "$1"; }
 record "bench/train_speed.py b64, 1,920 utt: LSTM in fp32 $(secs "$OUT_DIR/profile_b64.log") vs under autocast $(secs "$OUT_DIR/lstm_autocast_b64.log")"
+# train.compile: the same 30 steps with the non-recurrent parts compiled (off by default unless this wins)
+timeout 150 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 5 --compile 2>&1 \
+    | grep -vi warn | tee "$OUT_DIR/compile_b64.log" | tail -2
+record "bench/train_speed.py b64, 1,920 utt: eager $(secs "$OUT_DIR/profile_b64.log") vs train.compile $(secs "$OUT_DIR/compile_b64.log")"
 
 # 3. the default pipeline's train → evaluate on CUDA, all 15 epochs (a PER sanity check against the CPU's)
 PROJ=/tmp/ctclab-gpu-project
