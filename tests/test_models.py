@@ -137,6 +137,7 @@ def test_a_checkpoint_spec_is_validated_when_rebuilt():
         from_spec(spec)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised while torch._dynamo loads
 def test_compiled_parts_keep_the_state_dict_a_checkpoint_needs():
     """train.compile compiles in place: a compiled training's checkpoint loads into a plain model."""
     from ctclab.models import compile_parts
