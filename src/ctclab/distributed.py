@@ -80,14 +80,16 @@ def launch(cfg: DistributedConfig, device: torch.device, script: str, script_arg
                           "`dvc repro` continues from there", exit_code=128 + int(err.sigval)) from None
 
 
-def failure_text(failure) -> str:
-    """The worker's own one line (from its error file), else how it ended."""
+def _message(failure) -> str:
+    """A torchrun ProcessFailure's message: `<exception type>: <text>` from the worker's error file,
+    or torchrun's own words (e.g. for a signal)."""
     message = failure.message
-    if isinstance(message, dict):
-        message = message.get("message", "")
-    for prefix in ("CtclabError: ", "TrainingInterrupted: "):
-        message = message.removeprefix(prefix)
-    return message or f"exit code {failure.exitcode}"
+    return message.get("message", "") if isinstance(message, dict) else message
+
+
+def failure_text(failure) -> str:
+    """The worker's own one line, else how it ended."""
+    return _message(failure).removeprefix("CtclabError: ") or f"exit code {failure.exitcode}"
 
 
 def first_failure(failures: dict) -> tuple[int, object]:
@@ -95,9 +97,8 @@ def first_failure(failures: dict) -> tuple[int, object]:
     (CtclabError) before any other end (a signal, a crash); then the earliest, then the lowest rank."""
     def key(item):
         rank, failure = item
-        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
-        return (message.startswith("PeerLost"), not message.startswith(("CtclabError", "TrainingInterrupted")),
-                failure.timestamp, rank)
+        message = _message(failure)
+        return message.startswith("PeerLost"), not message.startswith("CtclabError"), failure.timestamp, rank
 
     return min(failures.items(), key=key)
 
@@ -119,7 +120,7 @@ def worker_errors():
     try:
         yield
     except CtclabError as err:
-        ErrorHandler().record_exception(err)
+        ErrorHandler().record_exception(CtclabError(str(err)))  # subclasses too: "CtclabError: <line>"
         if os.environ.get(LAUNCHED_ENV) == "1":
             sys.exit(err.exit_code)
         raise CtclabError(f"rank {os.environ.get('RANK')}: {err}", err.exit_code) from None
@@ -128,11 +129,12 @@ def worker_errors():
             ErrorHandler().record_exception(err)
             raise
         # another rank died mid-collective: that rank's failure is the one to report
-        ErrorHandler().record_exception(PeerLost(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        ErrorHandler().record_exception(PeerLost(f"{type(err).__name__}: {first_line}"))
         if os.environ.get(LAUNCHED_ENV) == "1":
             sys.exit(1)
         raise CtclabError(f"rank {os.environ.get('RANK')}: a collective failed, another rank has probably "
-                          f"failed first ({str(err).splitlines()[0][:200]})") from None
+                          f"failed first ({first_line})") from None
 
 
 class PeerLost(Exception):
