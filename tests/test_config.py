@@ -46,6 +46,8 @@ def test_repository_params_load_and_cover_every_key():
     ({"train": {"weight_decay": -0.1}}, "train.weight_decay = -0.1, expected at least 0"),
     ({"model": {"embed_dim": 0}}, "model.embed_dim = 0, expected at least 1"),
     ({"train": {"specaugment": {"time_width": -2}}}, "train.specaugment.time_width = -2, expected at least 0"),
+    ({"train": {"distributed": {"nnodes": 2}}}, "train.distributed.rdzv_endpoint = '', expected node 0's host:port when nnodes > 1"),
+    ({"train": {"batch_size": 2, "distributed": {"nproc": 4}}}, "train.batch_size = 2, expected at least one utterance per DDP rank (4)"),
     ({"model": {"arch": "lstm"}}, "model.convnext_blocks = 1, expected 0 with model.arch = lstm"),
     ({"model": {"arch": "convnext"}}, "model.dropout.lstm = 0.2, expected 0.0 with model.arch = convnext"),
 ])

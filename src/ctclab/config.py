@@ -140,6 +140,13 @@ class TrainConfig(Section):
     specaugment: SpecAugmentConfig
     distributed: DistributedConfig
 
+    @model_validator(mode="after")
+    def _a_share_for_every_rank(self):
+        ranks = self.distributed.nproc * self.distributed.nnodes
+        if self.batch_size < ranks:
+            raise rule_error("batch_size", self.batch_size, f"at least one utterance per DDP rank ({ranks})")
+        return self
+
 
 class TrackingConfig(Section):
     uri: str

@@ -76,8 +76,9 @@ def launch(cfg: DistributedConfig, device: torch.device, script: str, script_arg
         raise CtclabError(f"train: rank {rank} of {world} failed ({failure_text(failure)}); "
                           "torchrun stopped the other ranks", exit_code=_exit_code(failure.exitcode)) from None
     except SignalException as err:
-        raise CtclabError(f"train: stopped by {err.sigval.name}; the workers wrote where they were and the next "
-                          "`dvc repro` continues from there", exit_code=128 + int(err.sigval)) from None
+        raise CtclabError(f"train: stopped by {err.sigval.name}; the ranks stop together at their next sync "
+                          "point and write a resume checkpoint (torchrun allows them 30 s), which the next "
+                          "`dvc repro` continues from", exit_code=128 + int(err.sigval)) from None
 
 
 def _message(failure) -> str:
@@ -197,9 +198,10 @@ class Group:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             _cross_rank_batchnorm(model)
-        ids = [device.index] if device.type == "cuda" else None
-        # Buffers need no broadcast: cross-rank BatchNorm keeps the running statistics equal everywhere.
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # device_ids=None: with them DDP would copy every tensor argument to the GPU, the lengths too,
+        # which stay on the CPU for packing and CTC. Buffers need no broadcast: cross-rank BatchNorm
+        # keeps the running statistics equal everywhere.
+        return nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
 
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():

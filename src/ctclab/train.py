@@ -231,8 +231,9 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
                                      len(batches[step - 1]) / group.world)
         seen += len(batch.labels)
         stopping = saving = False
-        if step % sync_every == 0 or step == len(batches):
-            wishes = mid.wishes(step) if mid is not None else (False, False)
+        wishes = mid.wishes(step) if mid is not None else (False, False)
+        # one process answers a stop or a due checkpoint at once; ranks must agree, at sync points
+        if step % sync_every == 0 or step == len(batches) or (group.world == 1 and any(wishes)):
             summed = group.sum(torch.stack([loss_sum, *loss_sum.new_tensor([seen, *wishes])])).tolist()
             totals, (stopping, saving) = (summed[0], int(summed[1])), (summed[2] > 0, summed[3] > 0)
             if not math.isfinite(totals[0]):
@@ -253,6 +254,9 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
             scheduler.step()
         if stopping or saving:
             mid.save(step, totals, stopping)
+    if start >= len(batches):  # resumed after the epoch's last batch: the ranks' totals still add up
+        summed = group.sum(torch.stack([loss_sum, loss_sum.new_tensor(seen)])).tolist()
+        totals = (summed[0], int(summed[1]))
     return totals[0] / totals[1], totals[1]
 
 
@@ -326,9 +330,8 @@ class Training:
 
 def run_epoch(t: Training, epoch: int, run: tracking.RunLog | None, stop: StopSignals, progress: bool) -> None:
     """One epoch (from where a resumed one stopped): train, score dev, log, checkpoint. Mid-epoch,
-    a resume checkpoint every train.checkpoint_minutes and when a stop signal arrives. Every rank
-    scores dev itself (same weights, same scores: the plateau scheduler and `best` stay in step);
-    rank 0 (`run` is None elsewhere) logs and writes."""
+    a resume checkpoint every train.checkpoint_minutes and when a stop signal arrives. Rank 0 scores
+    dev and broadcasts the scores; it alone (`run` is None elsewhere) logs and writes."""
     cfg, state, group, t0 = t.cfg, t.state, t.group, time.perf_counter()
     frames = t.train_set.frames()[t.train_idx]
     batches = [t.train_idx[b] for b in bucket_batches(frames, cfg.batch_size, cfg.seed, epoch, group.world)]
@@ -338,16 +341,20 @@ def run_epoch(t: Training, epoch: int, run: tracking.RunLog | None, stop: StopSi
                                    t.device, desc, progress, state.batch, done, MidEpoch(t, epoch, run, stop, len(batches)),
                                    group)
     train_seconds = time.perf_counter() - t0
-    dev_loss, hyps, _ = evaluate_split(t.model, t.dev_set, 2 * cfg.batch_size, t.device, amp=cfg.amp)
-    s = score(hyps["greedy"], t.dev_refs)
+    if group.main:
+        dev_loss, hyps, _ = evaluate_split(t.model, t.dev_set, 2 * cfg.batch_size, t.device, amp=cfg.amp)
+        s = score(hyps["greedy"], t.dev_refs)
+        dev = (dev_loss, s.mean_distance, s.per)
+    # rank 0's scores on every rank: the plateau scheduler and "best" must not drift apart
+    dev_loss, distance, per = group.broadcast(dev if group.main else None)
     if cfg.scheduler == "plateau":
-        t.scheduler.step(s.mean_distance)
+        t.scheduler.step(distance)
     row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "dev_loss": round(dev_loss, 6),
-           "dev_lev_greedy": round(s.mean_distance, 6), "dev_per": round(s.per, 6),
+           "dev_lev_greedy": round(distance, 6), "dev_per": round(per, 6),
            "lr": t.optimizer.param_groups[0]["lr"]}
     timing = {"epoch_seconds": time.perf_counter() - t0, "utterances_per_second": seen / train_seconds}
-    improved = s.mean_distance < state.best
-    state.epoch, state.best, state.batch, state.loss_sum, state.seen = epoch + 1, min(state.best, s.mean_distance), 0, 0.0, 0
+    improved = distance < state.best
+    state.epoch, state.best, state.batch, state.loss_sum, state.seen = epoch + 1, min(state.best, distance), 0, 0.0, 0
     state.history.append(row)
     ckpt = t.checkpoint()  # serialised below, after run.send has taken what it sent out of state.unsent
     if not group.main:
@@ -355,7 +362,7 @@ def run_epoch(t: Training, epoch: int, run: tracking.RunLog | None, stop: StopSi
     state.unsent.append(({**{k: v for k, v in row.items() if k != "epoch"}, **timing}, epoch + 1))
     run.send(state.unsent)  # a lost tracking server must not stop the training
     print(f"{desc}: train loss {row['train_loss']:.3f}, dev loss {dev_loss:.3f}, dev greedy distance "
-          f"{s.mean_distance:.3f}, PER {s.per:.1%} ({timing['epoch_seconds']:.0f} s)", file=sys.stderr)
+          f"{distance:.3f}, PER {per:.1%} ({timing['epoch_seconds']:.0f} s)", file=sys.stderr)
     checkpoint.write_epoch(ckpt, t.out_dir, t.resume_path, improved, run.run_id)
 
 
