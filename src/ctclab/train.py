@@ -195,6 +195,15 @@ class MidEpoch:
                                       f"{t.resume_path} holds it and the next `dvc repro` continues from there")
 
 
+def non_finite(desc: str, train_set: Shard, batches, first: int, last: int) -> CtclabError:
+    """The one line for a non-finite loss summed over batches `first`..`last` (1-based)."""
+    ids = [train_set.ids[i] for b in batches[first - 1:last] for i in b]
+    return CtclabError(f"{desc}: non-finite CTC loss in batch{'es' if last > first else ''} "
+                       f"{first}{f'–{last}' if last > first else ''} of {len(batches)} (utterances "
+                       f"{', '.join(ids[:6])}{' …' if len(ids) > 6 else ''}); the checkpoints of the epochs "
+                       "before are kept; lower train.lr or check those utterances")
+
+
 def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, cfg: TrainConfig,
                 aug_gen: torch.Generator, device: torch.device, desc: str, progress: bool,
                 start: int = 0, done: tuple[float, int] = (0.0, 0), mid: MidEpoch | None = None,
@@ -237,12 +246,7 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
             summed = group.sum(torch.stack([loss_sum, *loss_sum.new_tensor([seen, *wishes])])).tolist()
             totals, (stopping, saving) = (summed[0], int(summed[1])), (summed[2] > 0, summed[3] > 0)
             if not math.isfinite(totals[0]):
-                first = max(start + 1, step - sync_every + 1)
-                ids = [train_set.ids[i] for b in batches[first - 1:step] for i in b]
-                raise CtclabError(f"{desc}: non-finite CTC loss in batch{'es' if step > first else ''} "
-                                  f"{first}{f'–{step}' if step > first else ''} of {len(batches)} (utterances "
-                                  f"{', '.join(ids[:6])}{' …' if len(ids) > 6 else ''}); the checkpoints of the epochs "
-                                  "before are kept; lower train.lr or check those utterances")
+                raise non_finite(desc, train_set, batches, max(start + 1, step - sync_every + 1), step)
             # refresh=False: in a log (not a terminal) the bar then writes at most every mininterval
             bar.set_postfix(loss=f"{totals[0] / totals[1]:.3f}",
                             utt_s=f"{totals[1] / (time.perf_counter() - t0):.0f}", refresh=False)
