@@ -97,3 +97,25 @@ def test_a_killed_rank_ends_the_group_in_one_line_and_the_group_resumes(two_rank
     [run] = runs(project)
     assert run.info.status == "FINISHED"
     assert [h.step for h in mlflow.MlflowClient().get_metric_history(run.info.run_id, "dev_loss")] == [1, 2, 3]
+
+
+def test_the_failure_reported_is_the_cause_not_a_rank_that_torchrun_stopped(tmp_path, monkeypatch):
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
+
+    from ctclab.distributed import PeerLost, failure_text, first_failure
+    from ctclab.errors import CtclabError
+
+    def failed(rank: int, exitcode: int, error: Exception | None = None) -> ProcessFailure:
+        path = tmp_path / f"error{rank}.json"
+        if error is not None:  # what the worker wrote through torchrun's own error handler
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+            ErrorHandler().record_exception(error)
+        return ProcessFailure(rank, 1000 + rank, exitcode, str(path))
+
+    # rank 1 killed; rank 0, already exiting over its lost peer, then ended by torchrun's SIGTERM
+    rank, failure = first_failure({0: failed(0, -signal.SIGTERM), 1: failed(1, -signal.SIGKILL)})
+    assert rank == 1 and failure_text(failure) == "Signal 9 (SIGKILL) received by PID 1001"
+    # a rank's own error before a rank that only saw its collective break
+    rank, failure = first_failure({0: failed(0, 1, PeerLost("RuntimeError: Connection closed by peer")),
+                                   1: failed(1, 2, CtclabError("train: out of memory on a batch of 64 utterances"))})
+    assert rank == 1 and failure_text(failure) == "train: out of memory on a batch of 64 utterances"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -94,12 +95,14 @@ def failure_text(failure) -> str:
 
 
 def first_failure(failures: dict) -> tuple[int, object]:
-    """The failure to report: not a rank that only lost its peer (PeerLost); a worker's own error
+    """The failure to report: not a rank that only lost its peer (PeerLost) or that torchrun itself
+    stopped (SIGTERM, e.g. while it was already exiting over its lost peer); a worker's own error
     (CtclabError) before any other end (a signal, a crash); then the earliest, then the lowest rank."""
     def key(item):
         rank, failure = item
         message = _message(failure)
-        return message.startswith("PeerLost"), not message.startswith("CtclabError"), failure.timestamp, rank
+        secondary = message.startswith("PeerLost") or failure.exitcode == -signal.SIGTERM
+        return secondary, not message.startswith("CtclabError"), failure.timestamp, rank
 
     return min(failures.items(), key=key)
 
@@ -201,7 +204,9 @@ class Group:
         # device_ids=None: with them DDP would copy every tensor argument to the GPU, the lengths too,
         # which stay on the CPU for packing and CTC. Buffers need no broadcast: cross-rank BatchNorm
         # keeps the running statistics equal everywhere.
-        return nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.13 renames it (forward_sync_buffers); 2.11 knows only this
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            return nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
 
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
