@@ -1,19 +1,12 @@
 """The `ctclab` command: the MLflow UI on the project's store, and one-line errors."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-from project import env, make_project, run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from project import env, free_port, make_project, run
 
 
 def test_ui_serves_the_project_store(tmp_path):

@@ -175,14 +175,11 @@ def test_a_non_finite_loss_stops_in_one_line_naming_epoch_batches_and_utterances
 
 
 def test_an_mlflow_server_that_does_not_answer_is_one_line_before_training(tmp_path, processed):
-    import socket
     import time
 
-    from project import stage
+    from project import free_port, stage
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     project = project_with_data(tmp_path, processed, {"tracking": {"uri": f"http://127.0.0.1:{port}"}})
     t0 = time.monotonic()
     r = stage(project, "train", check=False)

@@ -216,20 +216,17 @@ class Group:
 SINGLE = Group()
 
 
-def join(device: torch.device) -> Group:
-    """Join torchrun's process group when this process is one of its workers; else SINGLE. On
-    CUDA each worker takes the GPU of its local rank."""
+def join(device: torch.device) -> tuple[Group, torch.device]:
+    """Join torchrun's process group when this process is one of its workers (else SINGLE), and the
+    device to train on: on CUDA each worker takes the GPU of its local rank."""
     if not is_worker() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return SINGLE
+        return SINGLE, device
     group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.cuda.set_device(group.local_rank)
+        device = torch.device("cuda", group.local_rank)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return group
-
-
-def device_of(group: Group, device: torch.device) -> torch.device:
-    return torch.device("cuda", group.local_rank) if device.type == "cuda" and group.world > 1 else device
+    return group, device
 
 
 class CrossRankBatchNorm1d(nn.BatchNorm1d):
@@ -240,17 +237,16 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        dims, channels = ([0, 2] if x.dim() == 3 else [0]), x.shape[1]
+        (dims, shape), channels = ([0, 2], (1, -1, 1)) if x.dim() == 3 else ([0], (1, -1)), x.shape[1]
         # the shares may differ in size by one utterance: the count is summed too
         sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // channels])]))
         mean, count = sums[:channels] / sums[channels], sums[channels].item()
-        centred = x - (mean[:, None] if x.dim() == 3 else mean)
+        centred = x - mean.view(shape)
         var = all_reduce((centred * centred).sum(dims)) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * count / max(1, count - 1), self.momentum)
-        shape = (1, -1, 1) if x.dim() == 3 else (1, -1)
         return centred / torch.sqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 

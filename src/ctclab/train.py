@@ -221,12 +221,10 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     t0, seen, totals = time.perf_counter(), done[1], (done[0], done[1])
     loss_sum = torch.tensor(done[0], dtype=torch.float64, device=device)
-    frames = train_set.frames()
-    # every share of a batch is padded to the batch's longest utterance: what one process would see
-    shares = [(group.share(b), int(frames[b].max())) for b in batches[start:]]
+    # under DDP every share of a batch is padded to the batch's longest utterance: what one process sees
+    pad_to = [int(train_set.frames()[b].max()) for b in batches[start:]] if group.world > 1 else None
     rng = torch.get_rng_state()
-    batch_iter = iter(loader(train_set, [s for s, _ in shares], cfg.loader_workers, device,
-                             pad_to=[p for _, p in shares] if group.world > 1 else None))
+    batch_iter = iter(loader(train_set, [group.share(b) for b in batches[start:]], cfg.loader_workers, device, pad_to))
     if start:  # the epoch's loader already drew its seed from torch's RNG before the checkpoint
         torch.set_rng_state(rng)
     bar = tqdm(batch_iter, total=len(batches), initial=start, desc=desc, unit="batch",
@@ -376,8 +374,7 @@ def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Tr
     cfg = params.train
     meta = read_meta(data_dir)
     device = select_device(cfg.device)
-    group = distributed.join(device)
-    device = distributed.device_of(group, device)
+    group, device = distributed.join(device)
     seed_everything(cfg.seed, device)  # the same initial weights on every rank
     train_set, dev_set = Shard(data_dir / "train"), Shard(data_dir / "dev")
     model = models.build(params.model, train_set.feature_dim).to(device)
