@@ -43,6 +43,8 @@ def test_repository_params_load_and_cover_every_key():
     ({"data": {"source": "local"}}, "data.path = '', expected a folder or zip"),
     ({"data": {"synthetic": {"min_words": 9, "max_words": 3}}}, "data.synthetic.min_words = 9, expected between 1 and max_words (3)"),
     ({"train": {"grad_clip": -1.0}}, "train.grad_clip = -1.0, expected greater than 0"),
+    ({"train": {"warmup_epochs": 2, "scheduler": "plateau"}}, "train.warmup_epochs = 2, expected 0 with train.scheduler = plateau"),
+    ({"train": {"warmup_epochs": 15, "epochs": 15}}, "train.warmup_epochs = 15, expected fewer than train.epochs (15)"),
     ({"train": {"weight_decay": -0.1}}, "train.weight_decay = -0.1, expected at least 0"),
     ({"model": {"embed_dim": 0}}, "model.embed_dim = 0, expected at least 1"),
     ({"train": {"specaugment": {"time_width": -2}}}, "train.specaugment.time_width = -2, expected at least 0"),

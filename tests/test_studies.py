@@ -222,6 +222,17 @@ def test_bad_study_files_name_the_problem(tmp_path, over, message):
     assert message in str(err.value) and "s.yaml" in str(err.value)
 
 
+def test_a_variant_that_trains_longer_still_smokes_in_one_epoch(tmp_path):
+    longer = {"train.epochs": 30, "train.warmup_epochs": 3}
+    path = write_study(tmp_path, variants=[{"name": "a", "baseline": True, "params": {}},
+                                           {"name": "longer", "params": longer}],
+                       smoke={"params": {"train.epochs": 1, "train.warmup_epochs": 0}})
+    s = studies.load(path, REPO / "params.yaml")
+    variant = s.variants[1]
+    assert {k: s.overrides(variant, 0, smoke=False)[k] for k in longer} == longer
+    assert {k: s.overrides(variant, 0, smoke=True)[k] for k in longer} == {"train.epochs": 1, "train.warmup_epochs": 0}
+
+
 def test_shipped_studies_load_and_smoke_sizes_are_small():
     paths = sorted((REPO / "experiments").glob("*.yaml"))
     assert {p.stem for p in paths} >= {"dropout_placement", "kaiming", "beam_width", "architecture", "scheduler"}

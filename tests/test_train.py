@@ -72,6 +72,26 @@ def test_bucketed_batches_are_reproducible_and_cover_everything():
     assert spread < 0.25 * np.ptp(lengths)  # similar lengths share a batch
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "none"])
+def test_warmup_ramps_the_lr_to_its_value_then_hands_over_to_the_scheduler(scheduler):
+    from ctclab.config import load_params, with_overrides
+    from ctclab.train import make_scheduler
+
+    cfg = with_overrides(load_params(), {"train.epochs": 4, "train.warmup_epochs": 2, "train.scheduler": scheduler,
+                                         "train.lr": 1e-3}).train
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched, lrs = make_scheduler(opt, cfg, steps_per_epoch=5), []
+    for _ in range(20):  # 4 epochs of 5 batches, stepped once a batch as train_epoch does
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    ramp, rest = np.array(lrs[:11]), np.array(lrs[10:])
+    np.testing.assert_allclose(ramp, 1e-3 * np.linspace(0.1, 1, 11))  # lr/10 … lr, straight, over 10 batches
+    if scheduler == "none":
+        np.testing.assert_allclose(rest, 1e-3)
+    else:  # cosine over the 10 batches left, from the full lr
+        np.testing.assert_allclose(rest, 1e-3 * (1 + np.cos(np.pi * np.arange(10) / 10)) / 2)
+
+
 def state(project):
     return load_checkpoint(project / "models/last.pt")["model"]
 
@@ -87,7 +107,9 @@ def test_rerun_is_bit_identical_on_cpu(tmp_path, processed):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-STOPPED = {"train": {"epochs": 3, "batch_size": 2, "specaugment": {"time_masks": 1}}, "model": {"hidden": 32}}
+# warmup 1: the stop falls inside the lr ramp, and the resumed run crosses into cosine
+STOPPED = {"train": {"epochs": 3, "batch_size": 2, "warmup_epochs": 1, "specaugment": {"time_masks": 1}},
+           "model": {"hidden": 32}}
 
 
 @pytest.fixture(scope="module")

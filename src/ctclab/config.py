@@ -128,6 +128,7 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "adamw"]
     weight_decay: Annotated[float, Field(ge=0.0)]
     scheduler: Literal["cosine", "plateau", "none"]
+    warmup_epochs: NonNegativeInt  # the lr ramps up linearly over these first epochs (cosine or none)
     grad_clip: Annotated[float, Field(gt=0.0)]
     seed: NonNegativeInt
     device: Literal["auto", "cpu", "cuda"]
@@ -145,6 +146,16 @@ class TrainConfig(Section):
         ranks = self.distributed.nproc * self.distributed.nnodes
         if self.batch_size < ranks:
             raise rule_error("batch_size", self.batch_size, f"at least one utterance per DDP rank ({ranks})")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_before_the_end(self):
+        if self.warmup_epochs and self.scheduler == "plateau":
+            # ReduceLROnPlateau steps on the dev score, once an epoch; torch's SequentialLR cannot chain it
+            raise rule_error("warmup_epochs", self.warmup_epochs, "0 with train.scheduler = plateau "
+                             "(warmup chains with cosine or none)")
+        if self.warmup_epochs >= self.epochs:
+            raise rule_error("warmup_epochs", self.warmup_epochs, f"fewer than train.epochs ({self.epochs})")
         return self
 
 

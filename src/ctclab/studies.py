@@ -88,8 +88,9 @@ class Study(_Strict):
         return tuple(self.smoke.seeds or self.seeds[:1])
 
     def overrides(self, variant: Variant, seed: int, smoke: bool) -> dict:
-        """Dotted param overrides for one variant × seed (smoke sizes applied last but one)."""
-        return {**self.base, **(self.smoke.params if smoke else {}), **variant.params, "train.seed": seed}
+        """Dotted param overrides for one variant × seed. A smoke run's params win over the variant's,
+        so that a variant training longer (train.epochs) still smokes in one epoch."""
+        return {**self.base, **variant.params, **(self.smoke.params if smoke else {}), "train.seed": seed}
 
     def exp_name(self, variant: Variant, seed: int, smoke: bool) -> str:
         return f"{self.name}-{variant.name}-s{seed}" + ("-smoke" if smoke else "")

@@ -68,11 +68,19 @@ def spec_augment(x: torch.Tensor, lengths: torch.Tensor, cfg, gen: torch.Generat
 
 
 def make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    """The lr schedule: cosine and warmup step once a batch, plateau once an epoch on the dev score."""
+    sched = torch.optim.lr_scheduler
     if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1)
-    return None
+        return sched.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=1)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    after = sched.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch - warmup) \
+        if cfg.scheduler == "cosine" else None
+    if not warmup:
+        return after
+    ramp = sched.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup)  # lr/warmup … lr
+    if after is None:
+        return ramp  # LinearLR holds the full lr once its ramp is done
+    return sched.SequentialLR(opt, [ramp, after], milestones=[warmup])
 
 
 def read_meta(data_dir: Path) -> dict:
@@ -252,7 +260,7 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        if cfg.scheduler == "cosine":
+        if scheduler is not None and cfg.scheduler != "plateau":
             scheduler.step()
         if stopping or saving:
             mid.save(step, totals, stopping)
