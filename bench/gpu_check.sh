@@ -60,7 +60,7 @@ record "CUDA tests (tests/test_cuda.py): $(grep -E '[0-9]+ (passed|failed)' "$OU
 # 2. training speed at train-clean-100 scale, batch 64 and 256
 for B in 64 256; do
     timeout 180 python3 bench/train_speed.py --device cuda --batch-size "$B" 2>&1 | tee "$OUT_DIR/train_speed_b$B.log" | tail -4
-    row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, padding " $5 ", peak " $7 " GiB"}' "$OUT_DIR/train_speed_b$B.log")
+    row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, fwd+bwd " $5 " s (other " $6 "), padding " $7 ", peak " $9 " GiB"}' "$OUT_DIR/train_speed_b$B.log")
     record "bench/train_speed.py A3 (6.9 M) 28,539 synthetic-shape utt, batch $B, bf16: ${row:-FAILED (see log)}"
 done
 # where a batch-64 step's time goes, and what running the LSTM under autocast would change (30 steps each)

@@ -11,8 +11,10 @@ to download. The model is the write-up's A3 (Conv1d stride 2 + BN + GELU + ConvN
 4-layer BiLSTM(256), dropout 0.4 → MLP), Adam 2e-3, CTC, length-bucketed batches as in training,
 bf16 autocast on CUDA with the LSTM in fp32 (as ctclab.models runs it). Batches are generated on
 the device, so the figures are the model's step time; `data s` is the host time spent making the
-batch descriptions. Prints epoch seconds, utterances/s, padding fraction, peak memory and the AMP
-dtype; the last line is `train_speed: <utt/s>x ...` relative to the 15 s/epoch goal on CUDA.
+batch descriptions; `fwd+bwd s` the time inside forward, CTC loss and backward (CUDA events on the
+GPU's timeline, the clock on the CPU) and `other` the share of the epoch outside them (batch
+making, grad clip, Adam step, launch gaps). Prints epoch seconds, utterances/s, padding fraction,
+peak memory and the AMP dtype; the last line is `train_speed: <utt/s>x ...` relative to the 15 s/epoch goal on CUDA.
 """
 from __future__ import annotations
 
@@ -41,8 +43,34 @@ def shapes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return frames, labels
 
 
+class Stopwatch:
+    """Time inside forward + CTC loss + backward: CUDA events on the GPU's timeline (read once, at the
+    epoch's end, so no step waits for them), the clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.events, self.cpu_s = device.type == "cuda", [], 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        self.cpu_s += time.perf_counter() - self.t0
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return self.cpu_s
+        torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for a, b in zip(self.events[::2], self.events[1::2])) / 1000
+
+
 def run_epoch(model, optimizer, batches, frames, labels, device, dtype, dim, gen):
-    ctc = nn.CTCLoss(blank=0)
+    ctc, model_time = nn.CTCLoss(blank=0), Stopwatch(device)
     data_s, padded, real = 0.0, 0, 0
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for idx in batches:
@@ -54,16 +82,17 @@ def run_epoch(model, optimizer, batches, frames, labels, device, dtype, dim, gen
         data_s += time.perf_counter() - t0
         x = torch.randn(len(idx), T, dim, device=device, generator=gen)
         targets = torch.randint(1, 41, (int(target_lengths.sum()),), device=device, generator=gen)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            log_probs, out_lengths = model(x, lengths)
-        loss = ctc(log_probs.transpose(0, 1), targets, out_lengths, target_lengths)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with model_time:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                log_probs, out_lengths = model(x, lengths)
+            loss = ctc(log_probs.transpose(0, 1), targets, out_lengths, target_lengths)
+            loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         loss_sum += loss.detach().double()
     final = loss_sum.item()  # the one wait for the device per epoch
-    return data_s, 1 - real / max(1, padded), final / max(1, len(batches))
+    return data_s, model_time.seconds(), 1 - real / max(1, padded), final / max(1, len(batches))
 
 
 def lstm_under_autocast() -> None:
@@ -122,14 +151,16 @@ def main() -> None:
     print(f"A3 {parameter_count(model) / 1e6:.2f} M params on {device_name(device)}; {args.utterances} utterances, "
           f"mean {frames.mean():.0f} frames, {labels.mean():.0f} labels; batch {args.batch_size}; amp {dtype}; "
           f"LSTM {'under autocast' if args.lstm_autocast else 'in fp32'}; {'compiled' if args.compile else 'eager'}")
-    print(f"{'epoch':>5}{'seconds':>9}{'utt/s':>9}{'data s':>8}{'padding':>9}{'loss':>9}{'peak GiB':>10}")
+    print(f"{'epoch':>5}{'seconds':>9}{'utt/s':>9}{'data s':>8}{'fwd+bwd s':>11}{'other':>7}{'padding':>9}"
+          f"{'loss':>9}{'peak GiB':>10}")
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        data_s, pad, loss = run_epoch(model, optimizer, bucket_batches(frames, args.batch_size, 0, epoch), frames,
+        data_s, model_s, pad, loss = run_epoch(model, optimizer, bucket_batches(frames, args.batch_size, 0, epoch), frames,
                                       labels, device, dtype, 13, gen)
         secs = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        print(f"{epoch + 1:>5}{secs:>9.1f}{args.utterances / secs:>9.0f}{data_s:>8.2f}{pad:>9.1%}{loss:>9.2f}{peak:>10.2f}")
+        print(f"{epoch + 1:>5}{secs:>9.1f}{args.utterances / secs:>9.0f}{data_s:>8.2f}{model_s:>11.1f}"
+              f"{1 - model_s / secs:>7.1%}{pad:>9.1%}{loss:>9.2f}{peak:>10.2f}")
     if args.profile:
         profile(model, optimizer, bucket_batches(frames, args.batch_size, 0, 98)[:args.profile], frames, labels,
                 device, dtype, gen)
