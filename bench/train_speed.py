@@ -4,6 +4,7 @@
     python bench/train_speed.py --device cuda --batch-size 256
     python bench/train_speed.py --device cpu --utterances 64 --epochs 1
     python bench/train_speed.py --device cuda --compile              # train.compile: true
+    python bench/train_speed.py --device cuda --batch-size 256 --stride 4   # half the LSTM steps
 
 The data are random features with train-clean-100's shape: 28,539 utterances, ~N(1270, 370)
 frames clipped to [150, 2450] (mean ~12.7 s at 10 ms), ~1 label per 8.5 frames, 13 dims — nothing
@@ -129,13 +130,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="batches run before timing (cuDNN plans, allocator)")
     ap.add_argument("--profile", type=int, default=0, help="also profile this many batches: top kernels by time")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the non-recurrent parts")
+    ap.add_argument("--stride", type=int, choices=[2, 4], default=2,
+                    help="model.stride: 4 halves the LSTM's sequential steps (the write-up's A3 has 2)")
     ap.add_argument("--lstm-autocast", action="store_true",
                     help="run the LSTM under autocast as PyTorch would (cuDNN in reduced precision) instead of ctclab's fp32")
     args = ap.parse_args()
     device = select_device(args.device)
     if args.lstm_autocast:
         lstm_under_autocast()
-    params = with_overrides(load_params(REPO / "params.yaml"), SEED_A3, "train_speed")
+    params = with_overrides(load_params(REPO / "params.yaml"), {**SEED_A3, "model.stride": args.stride}, "train_speed")
     torch.manual_seed(0)
     model = build(params.model, 13).to(device).train()
     if args.compile:
@@ -150,7 +153,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     print(f"A3 {parameter_count(model) / 1e6:.2f} M params on {device_name(device)}; {args.utterances} utterances, "
           f"mean {frames.mean():.0f} frames, {labels.mean():.0f} labels; batch {args.batch_size}; amp {dtype}; "
-          f"LSTM {'under autocast' if args.lstm_autocast else 'in fp32'}; {'compiled' if args.compile else 'eager'}")
+          f"LSTM {'under autocast' if args.lstm_autocast else 'in fp32'}; {'compiled' if args.compile else 'eager'}; "
+          f"stride {args.stride}")
     print(f"{'epoch':>5}{'seconds':>9}{'utt/s':>9}{'data s':>8}{'fwd+bwd s':>11}{'other':>7}{'padding':>9}"
           f"{'loss':>9}{'peak GiB':>10}")
     for epoch in range(args.epochs):
