@@ -31,7 +31,7 @@ if [ "${1:-}" = "--prepare" ]; then
         mlflow-skinny==3.17.2 databricks-sdk==0.162.0 google-auth==2.63.0 pyasn1==0.6.5 pyasn1-modules==0.4.2 \
         cachetools==7.3.3 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 opentelemetry-api==1.45.2 \
         opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 opentelemetry-proto==1.45.2 \
-        importlib-metadata==9.1.0 sqlparse==0.6.1 python-dotenv==1.2.4 fastapi==0.165.0 starlette==1.10.0 \
+        typing-extensions==4.16.0 importlib-metadata==9.1.0 sqlparse==0.6.1 python-dotenv==1.2.4 fastapi==0.165.0 starlette==1.10.0 \
         uvicorn==0.54.0 psutil==7.2.2 nvidia-ml-py==13.615.71 pandas==3.1.1 python-dateutil==2.9.0.post0 six==1.17.0
     [ -f data/processed/meta.json ] || "$PY" -m ctclab run -s preprocess
     du -sh .whl data/processed
@@ -46,7 +46,8 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/ctclab-site
 fi
 export PYTHONPATH=$REPO/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export MLFLOW_TRACKING_URI=file:/tmp/ctclab-gpu-mlruns MLFLOW_ALLOW_FILE_STORE=true
+# mlflow-skinny has no sqlite store: a file store. GitPython warns twice per run where git is missing.
+export MLFLOW_TRACKING_URI=file:/tmp/ctclab-gpu-mlruns MLFLOW_ALLOW_FILE_STORE=true GIT_PYTHON_REFRESH=quiet
 CARD=$(python3 -c 'import torch; print(torch.cuda.get_device_name(0))') || { echo "no CUDA device"; exit 1; }
 TORCH=$(python3 -c 'import torch; print(torch.__version__)')
 DAY=$(date -u +%F)

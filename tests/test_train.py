@@ -50,6 +50,8 @@ def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, a
     x = torch.randn(2, 40, 13)
     normalised = (x - x.mean(1, keepdim=True)) / (x.std(1, unbiased=False, keepdim=True) + 1e-5)
     torch.testing.assert_close(recognizer(x), best(normalised, torch.tensor([40, 40]))[0], rtol=0, atol=0)
+    served = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")  # as `mlflow models serve` calls it
+    torch.testing.assert_close(torch.from_numpy(served.predict(x.numpy())), recognizer(x))  # float32 rounding
     info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, -1, 13)
     assert info.metadata["features"] == {"normalize": "utterance"}

@@ -233,9 +233,10 @@ class RunLog:
         from mlflow.types import Schema, TensorSpec
         import torch
 
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, input_dim), "mfcc")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes), "log_probs")]))
+        # unnamed tensors: pyfunc turns a named input into a dict, which the pytorch flavour refuses,
+        # so `mlflow.pyfunc` and `mlflow models serve` could not call the model
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, input_dim))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes))]))
         # pickle: the other format (pt2) traces one fixed graph; MLflow warns about pickle on every save
         with _quiet("mlflow.pytorch"):
             info = mlflow.pytorch.log_model(model, name="model", signature=signature, metadata=metadata,
