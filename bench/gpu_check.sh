@@ -8,8 +8,8 @@
 # imports (pydantic, mlflow-skinny with a file store, Levenshtein, fast-ctc-decode) comes from the
 # wheels in .whl/, and the default corpus's shards from data/processed (both made by --prepare; carry
 # both). It runs the CUDA tests, bench/train_speed.py over 28,539 utterances shaped like
-# train-clean-100 at batch 64 and 256 (and 256 with stride 4), a profile of batch-64 steps, the LSTM in fp32 vs under
-# autocast, and the default train → evaluate stages on CUDA,
+# train-clean-100 at batch 64 and 256 (and 256 with stride 4), a profile of batch-64 steps, the
+# LSTM in fp32 vs under autocast, compile vs eager, and the default train → evaluate stages on CUDA,
 # then appends one dated line per figure, with the card's name, to bench/RESULTS.md (and copies it,
 # with the logs, to $OUT when that is set).
 set -uo pipefail
@@ -31,8 +31,8 @@ if [ "${1:-}" = "--prepare" ]; then
         mlflow-skinny==3.17.2 databricks-sdk==0.162.0 google-auth==2.63.0 pyasn1==0.6.5 pyasn1-modules==0.4.2 \
         cachetools==7.3.3 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 opentelemetry-api==1.45.2 \
         opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 opentelemetry-proto==1.45.2 \
-        typing-extensions==4.16.0 importlib-metadata==9.1.0 sqlparse==0.6.1 python-dotenv==1.2.4 fastapi==0.165.0 starlette==1.10.0 \
-        uvicorn==0.54.0 psutil==7.2.2 nvidia-ml-py==13.615.71 pandas==3.1.1 python-dateutil==2.9.0.post0 six==1.17.0
+        typing-extensions==4.16.0 importlib-metadata==9.1.0 sqlparse==0.6.1 python-dotenv==1.2.4 \
+        fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 psutil==7.2.2 nvidia-ml-py==13.615.71 pandas==3.1.1 python-dateutil==2.9.0.post0 six==1.17.0
     [ -f data/processed/meta.json ] || "$PY" -m ctclab run -s preprocess
     du -sh .whl data/processed
     exit 0

@@ -15,7 +15,8 @@ the device, so the figures are the model's step time; `data s` is the host time 
 batch descriptions; `fwd+bwd s` the time inside forward, CTC loss and backward (CUDA events on the
 GPU's timeline, the clock on the CPU) and `other` the share of the epoch outside them (batch
 making, grad clip, Adam step, launch gaps). Prints epoch seconds, utterances/s, padding fraction,
-peak memory and the AMP dtype; the last line is `train_speed: <utt/s>x ...` relative to the 15 s/epoch goal on CUDA.
+peak memory and the AMP dtype; the last line is `train_speed: <utt/s>x ...` relative to the 15 s/epoch
+goal on CUDA.
 """
 from __future__ import annotations
 
@@ -159,8 +160,8 @@ def main() -> None:
           f"{'loss':>9}{'peak GiB':>10}")
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        data_s, model_s, pad, loss = run_epoch(model, optimizer, bucket_batches(frames, args.batch_size, 0, epoch), frames,
-                                      labels, device, dtype, 13, gen)
+        batches = bucket_batches(frames, args.batch_size, 0, epoch)
+        data_s, model_s, pad, loss = run_epoch(model, optimizer, batches, frames, labels, device, dtype, 13, gen)
         secs = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         print(f"{epoch + 1:>5}{secs:>9.1f}{args.utterances / secs:>9.0f}{data_s:>8.2f}{model_s:>11.1f}"

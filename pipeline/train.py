@@ -16,8 +16,8 @@ from ctclab.train import train
 # continues, train.loader_workers only how fast batches arrive, train.distributed.rdzv_endpoint only
 # where the nodes meet, tracking.* and study.* only where and under which name the run is logged.
 PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer", "train.weight_decay",
-          "train.scheduler", "train.warmup_epochs", "train.grad_clip", "train.seed", "train.device", "train.amp", "train.oom",
-          "train.specaugment", "train.compile", "train.distributed.nproc", "train.distributed.nnodes"]
+          "train.scheduler", "train.warmup_epochs", "train.grad_clip", "train.seed", "train.device", "train.amp",
+          "train.oom", "train.specaugment", "train.compile", "train.distributed.nproc", "train.distributed.nnodes"]
 
 
 @one_line_errors
