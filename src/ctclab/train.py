@@ -230,9 +230,14 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
     t0, seen, totals = time.perf_counter(), done[1], (done[0], done[1])
     loss_sum = torch.tensor(done[0], dtype=torch.float64, device=device)
     # under DDP every share of a batch is padded to the batch's longest utterance: what one process sees
-    pad_to = [int(train_set.frames()[b].max()) for b in batches[start:]] if group.world > 1 else None
+    if group.world > 1:
+        frames = train_set.frames()
+        pad_to = [int(frames[b].max()) for b in batches[start:]]
+    else:
+        pad_to = None
     rng = torch.get_rng_state()
-    batch_iter = iter(loader(train_set, [group.share(b) for b in batches[start:]], cfg.loader_workers, device, pad_to))
+    shares = [group.share(b) for b in batches[start:]]
+    batch_iter = iter(loader(train_set, shares, cfg.loader_workers, device, pad_to))
     if start:  # the epoch's loader already drew its seed from torch's RNG before the checkpoint
         torch.set_rng_state(rng)
     bar = tqdm(batch_iter, total=len(batches), initial=start, desc=desc, unit="batch",
