@@ -230,11 +230,8 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
     t0, seen, totals = time.perf_counter(), done[1], (done[0], done[1])
     loss_sum = torch.tensor(done[0], dtype=torch.float64, device=device)
     # under DDP every share of a batch is padded to the batch's longest utterance: what one process sees
-    if group.world > 1:
-        frames = train_set.frames()
-        pad_to = [int(frames[b].max()) for b in batches[start:]]
-    else:
-        pad_to = None
+    frames = train_set.frames()
+    pad_to = [int(frames[b].max()) for b in batches[start:]] if group.world > 1 else None
     rng = torch.get_rng_state()
     shares = [group.share(b) for b in batches[start:]]
     batch_iter = iter(loader(train_set, shares, cfg.loader_workers, device, pad_to))
