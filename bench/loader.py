@@ -79,14 +79,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--utterances", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=None, help="model.hidden (default: params.yaml's)")
+    ap.add_argument("--hidden", type=int, default=None, help="model.<arch>.hidden (default: params.yaml's)")
     ap.add_argument("--sigma", type=float, default=0.5, help="lognormal spread of the utterance lengths")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     params = load_params("params.yaml")
     if args.hidden:
-        params = with_overrides(params, {"model.hidden": args.hidden})
+        params = with_overrides(params, {f"model.{params.model.arch}.hidden": args.hidden})
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = synthetic_shard(Path(tmp), args.utterances, args.sigma, seed=0)
@@ -95,7 +95,7 @@ def main() -> None:
         loaders = {"naive shuffled": naive_batches(len(shard), args.batch_size, seed=0),
                    "bucketed": bucket_batches(frames, args.batch_size, seed=0, epoch=0)}
         trainers = {name: Trainer(params, shard.feature_dim, init_state) for name in loaders}
-        print(f"{params.model.arch} (hidden {params.model.hidden}, "
+        print(f"{params.model.arch} (hidden {params.model.active.hidden}, "
               f"{models.parameter_count(trainers['bucketed'].model):,} parameters), {len(shard)} synthetic utterances, "
               f"frames mean {frames.mean():.0f} / min {frames.min()} / max {frames.max()}, batch {args.batch_size}, "
               f"{torch.get_num_threads()} CPU threads\n")

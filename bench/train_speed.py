@@ -31,11 +31,12 @@ from torch import nn
 from ctclab.batching import bucket_batches
 from ctclab.config import load_params, with_overrides
 from ctclab.inference import amp_dtype, device_name, select_device
-from ctclab.models import build, compile_parts, parameter_count
+from ctclab.models import build, parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_A3 = {"model.arch": "conv_lstm", "model.hidden": 256, "model.lstm_layers": 4, "model.embed_dim": 256,
-           "model.stride": 2, "model.convnext_blocks": 1, "model.dropout.lstm": 0.4}
+SEED_A3 = {"model.arch": "conv_lstm", "model.conv_lstm.hidden": 256, "model.conv_lstm.lstm_layers": 4,
+           "model.conv_lstm.embed_dim": 256, "model.conv_lstm.stride": 2, "model.conv_lstm.convnext_blocks": 1,
+           "model.conv_lstm.dropout.lstm": 0.4}
 
 
 def shapes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -132,18 +133,18 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="also profile this many batches: top kernels by time")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the non-recurrent parts")
     ap.add_argument("--stride", type=int, choices=[2, 4], default=2,
-                    help="model.stride: 4 halves the LSTM's sequential steps (the write-up's A3 has 2)")
+                    help="model.conv_lstm.stride: 4 halves the LSTM's sequential steps (the write-up's A3 has 2)")
     ap.add_argument("--lstm-autocast", action="store_true",
                     help="run the LSTM under autocast as PyTorch would (cuDNN in reduced precision) instead of ctclab's fp32")
     args = ap.parse_args()
     device = select_device(args.device)
     if args.lstm_autocast:
         lstm_under_autocast()
-    params = with_overrides(load_params(REPO / "params.yaml"), {**SEED_A3, "model.stride": args.stride}, "train_speed")
+    params = with_overrides(load_params(REPO / "params.yaml"), {**SEED_A3, "model.conv_lstm.stride": args.stride}, "train_speed")
     torch.manual_seed(0)
     model = build(params.model, 13).to(device).train()
     if args.compile:
-        compile_parts(model)  # compiled during the warmup batches
+        model.compile_parts()  # compiled during the warmup batches
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     dtype, gen = amp_dtype(device), torch.Generator(device=device).manual_seed(0)
     frames, labels = shapes(args.utterances)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+import ctclab.models  # noqa: F401  (first: its registry lets load_params check every model.<arch> section)
 from ctclab.config import load_params, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,9 +23,18 @@ def config(section: str, **values):
     params = with_overrides(DEFAULTS, {f"{section}.{k}": v for k, v in values.items()}, "test overrides")
     return getattr(params, section)
 
+def model_config(arch: str = "conv_lstm", **values):
+    """params.yaml's model section running `arch`, some of its knobs changed (dotted names inside
+    the architecture's section as `**{"dropout.lstm": 0.0}`), validated like params.yaml."""
+    overrides = {"model.arch": arch, **{f"model.{arch}.{k}": v for k, v in values.items()}}
+    return with_overrides(DEFAULTS, overrides, "test overrides").model
+
+
 TINY_PARAMS = {
     "data": {"synthetic": {"seed": 5, "train": 16, "dev": 4, "test": 4, "min_words": 2, "max_words": 4, "workers": 1}},
-    "model": {"hidden": 16, "embed_dim": 16, "lstm_layers": 1},
+    "model": {"conv_lstm": {"hidden": 16, "embed_dim": 16, "lstm_layers": 1},
+              "lstm": {"hidden": 16, "embed_dim": 16, "lstm_layers": 1},
+              "convnext": {"hidden": 16, "embed_dim": 16, "stages": 1}},
     "train": {"epochs": 2, "batch_size": 4},
     "decode": {"beam_width": 4},
 }
@@ -89,10 +99,6 @@ def interrupt_training(project: Path, sig: int, deadline_s: float = 600) -> tupl
     _, err = proc.communicate(timeout=deadline_s)
     assert where is not None, f"training finished or failed before it could be interrupted:\n{err[-2000:]}"
     return proc.returncode, err, where
-
-
-# What an architecture has no place for must be left neutral (ctclab.config refuses it otherwise).
-NEUTRAL = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout": {"lstm": 0.0}}, "conv_lstm": {}}
 
 
 def env(extra: dict | None = None) -> dict:

@@ -13,9 +13,9 @@ def changed(key, value):
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
-        return {"model.stride": 4}.get(key, value + 1)
+        return 4 if key.endswith(".stride") else value + 1
     if isinstance(value, float):
-        return 0.5 if key.startswith("model.dropout") else value * 2 + 0.1
+        return 0.5 if ".dropout." in key else value * 2 + 0.1
     choices = {"model.arch": "conv_lstm", "train.optimizer": "adamw", "train.scheduler": "plateau",
                "train.device": "cpu", "train.amp": "off", "train.resume": "never", "train.oom": "fail",
                "train.distributed.rdzv_endpoint": "node0:29500"}
@@ -38,8 +38,11 @@ def test_every_training_key_changes_the_fingerprint_except_runtime_ones(key):
 
 
 def test_architecture_data_and_runtime_change_the_fingerprint():
-    lstm = with_overrides(DEFAULTS, {"model.arch": "lstm", "model.convnext_blocks": 0}, "test")
+    lstm = with_overrides(DEFAULTS, {"model.arch": "lstm"}, "test")
     assert fingerprint(lstm, "datahash", "cpu:None") != BASE
+    # another architecture's knobs do not change what trains
+    idle = with_overrides(DEFAULTS, {"model.lstm.hidden": 7, "model.convnext.stages": 5}, "test")
+    assert fingerprint(idle, "datahash", "cpu:None") == BASE
     assert fingerprint(DEFAULTS, "otherdata", "cpu:None") != BASE
     assert fingerprint(DEFAULTS, "datahash", "cuda:torch.bfloat16") != BASE
     assert fingerprint(DEFAULTS, "datahash", "cuda:torch.float16") != fingerprint(DEFAULTS, "datahash", "cuda:torch.bfloat16")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctclab.config import Params, flatten, json_schema, load_params
+from ctclab.config import flatten, json_schema, load_params
 from ctclab.errors import CtclabError
 from project import DEFAULTS, merge
 
@@ -24,34 +24,41 @@ def write(tmp_path, data, base=True) -> Path:
 def test_repository_params_load_and_cover_every_key():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     params = load_params(REPO / "params.yaml")
-    # every config key is spelled out in params.yaml, so `dvc exp show` lists them all
+    # every config key, each architecture's included, is spelled out in params.yaml, so `dvc exp
+    # show` lists them all; flatten (what MLflow logs) keeps only the architecture that runs
     def keys(d, prefix=""):
         for k, v in d.items():
             yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
-    assert set(keys(raw)) == set(flatten(params))
+    assert set(keys(raw)) == set(keys(params.model_dump()))
+    assert {k for k in flatten(params) if k.startswith("model.")} == {"model.arch"} | {
+        k for k in keys(raw) if k.startswith(f"model.{params.model.arch}.")}
 
 
 @pytest.mark.parametrize("data, message", [
     ({"train": {"sheduler": "cosine"}}, "unknown key train.sheduler; expected one of epochs, batch_size"),
     ({"train": {"scheduler": "step"}}, "train.scheduler = 'step', expected one of cosine, plateau, none"),
-    ({"model": {"hidden": "big"}}, "model.hidden = 'big', expected an integer"),
+    ({"model": {"conv_lstm": {"hidden": "big"}}}, "model.conv_lstm.hidden = 'big', expected an integer"),
     ({"train": {"epochs": "3"}}, "train.epochs = '3', expected an integer"),  # strict: no coercion
     ({"train": {"lr": "0.1"}}, "train.lr = '0.1', expected a number"),
-    ({"model": {"kaiming": "yes"}}, "model.kaiming = 'yes', expected true or false"),
-    ({"model": {"dropout": {"lstm": 1.5}}}, "model.dropout.lstm = 1.5, expected in [0, 1)"),
-    ({"model": {"stride": 3}}, "model.stride = 3, expected one of 1, 2, 4"),
+    ({"model": {"conv_lstm": {"kaiming": "yes"}}}, "model.conv_lstm.kaiming = 'yes', expected true or false"),
+    ({"model": {"conv_lstm": {"dropout": {"lstm": 1.5}}}}, "model.conv_lstm.dropout.lstm = 1.5, expected in [0, 1)"),
+    ({"model": {"lstm": {"stride": 3}}}, "model.lstm.stride = 3, expected one of 1, 2, 4"),
     ({"data": {"source": "local"}}, "data.path = '', expected a folder or zip"),
     ({"data": {"synthetic": {"min_words": 9, "max_words": 3}}}, "data.synthetic.min_words = 9, expected between 1 and max_words (3)"),
     ({"train": {"grad_clip": -1.0}}, "train.grad_clip = -1.0, expected greater than 0"),
     ({"train": {"warmup_epochs": 2, "scheduler": "plateau"}}, "train.warmup_epochs = 2, expected 0 with train.scheduler = plateau"),
     ({"train": {"warmup_epochs": 15, "epochs": 15}}, "train.warmup_epochs = 15, expected fewer than train.epochs (15)"),
     ({"train": {"weight_decay": -0.1}}, "train.weight_decay = -0.1, expected at least 0"),
-    ({"model": {"embed_dim": 0}}, "model.embed_dim = 0, expected at least 1"),
+    ({"model": {"convnext": {"embed_dim": 0}}}, "model.convnext.embed_dim = 0, expected at least 1"),
     ({"train": {"specaugment": {"time_width": -2}}}, "train.specaugment.time_width = -2, expected at least 0"),
     ({"train": {"distributed": {"nnodes": 2}}}, "train.distributed.rdzv_endpoint = '', expected node 0's host:port when nnodes > 1"),
     ({"train": {"batch_size": 2, "distributed": {"nproc": 4}}}, "train.batch_size = 2, expected at least one utterance per DDP rank (4)"),
-    ({"model": {"arch": "lstm"}}, "model.convnext_blocks = 1, expected 0 with model.arch = lstm"),
-    ({"model": {"arch": "convnext"}}, "model.dropout.lstm = 0.2, expected 0.0 with model.arch = convnext"),
+    # an architecture has only its own knobs: none to hold at a neutral value for another's sake
+    ({"model": {"lstm": {"convnext_blocks": 1}}}, "unknown key model.lstm.convnext_blocks; expected one of hidden, "),
+    ({"model": {"convnext": {"dropout": {"lstm": 0.2}}}}, "unknown key model.convnext.dropout.lstm; expected one of "
+                                                          "embedding, classifier"),
+    ({"model": {"arch": "transfomer"}}, "model.arch = 'transfomer', expected one of conv_lstm, convnext, lstm"),
+    ({"model": {"lstmm": {"hidden": 8}}}, "unknown key model.lstmm; expected one of arch, "),
 ])
 def test_bad_params_name_the_key_in_one_line(tmp_path, data, message):
     with pytest.raises(CtclabError) as err:
@@ -68,9 +75,18 @@ def test_a_missing_key_is_named(tmp_path):
         load_params(write(tmp_path, raw, base=False))
 
 
+def test_an_architecture_section_left_out_takes_its_defaults(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    del raw["model"]["lstm"]
+    raw["model"]["convnext"] = {"hidden": 64}
+    params = load_params(write(tmp_path, raw, base=False))
+    assert params.model.lstm == type(DEFAULTS.model.lstm)() and params.model.convnext.hidden == 64
+    assert params.model.convnext.stages == type(DEFAULTS.model.convnext)().stages
+
+
 def test_flatten_uses_dotted_names():
     flat = flatten(DEFAULTS)
-    assert flat["model.dropout.lstm"] == DEFAULTS.model.dropout.lstm
+    assert flat["model.conv_lstm.dropout.lstm"] == DEFAULTS.model.conv_lstm.dropout.lstm
     assert flat["train.specaugment.time_masks"] == 0
 
 
@@ -80,17 +96,17 @@ def test_yaml_12_booleans_like_dvc(tmp_path):
     text = p.read_text().replace("variant: ''", "variant: off").replace("name: ''", "name: no")
     p.write_text(text.replace("kaiming: true", "kaiming: false"))
     params = load_params(p)
-    assert params.study.variant == "off" and params.study.name == "no" and params.model.kaiming is False
+    assert params.study.variant == "off" and params.study.name == "no" and params.model.active.kaiming is False
 
 
 def test_schema_describes_every_key_and_the_cli_prints_it():
     schema = json_schema()
-    assert schema == Params.model_json_schema()
+    assert schema == type(DEFAULTS).model_json_schema()
     model = schema["$defs"]["ModelConfig"]
-    assert model["properties"]["arch"]["enum"] == ["lstm", "convnext", "conv_lstm"]
-    assert model["additionalProperties"] is False and "hidden" in model["required"]
-    assert schema["$defs"]["DropoutConfig"]["properties"]["lstm"] == {"exclusiveMaximum": 1.0, "minimum": 0.0,
-                                                                        "title": "Lstm", "type": "number"}
+    assert set(model["properties"]["arch"]["enum"]) >= {"lstm", "convnext", "conv_lstm"}
+    assert model["additionalProperties"] is False and model["required"] == ["arch"]
+    assert schema["$defs"]["LSTMDropout"]["properties"]["lstm"] == {"default": 0.2, "exclusiveMaximum": 1.0,
+                                                                    "minimum": 0.0, "title": "Lstm", "type": "number"}
     out = subprocess.run([sys.executable, "-m", "ctclab", "params", "--schema"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out) == schema

@@ -13,7 +13,8 @@ from ctclab.checkpoint import RESUME_DIR
 from ctclab.data import preprocess
 from ctclab.inference import load_checkpoint, load_model
 from ctclab.models import BiLSTM, build
-from project import NEUTRAL, config, interrupt_training, merge, project_with_data, run_train
+from ctclab.models import architectures
+from project import config, interrupt_training, merge, model_config, project_with_data, run_train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -33,9 +34,9 @@ def cuda_project(tmp_path, processed, overrides):
     return project_with_data(tmp_path, processed, merge(base, overrides))
 
 
-@pytest.mark.parametrize("arch", ["lstm", "convnext", "conv_lstm"])
+@pytest.mark.parametrize("arch", sorted(architectures()))
 def test_each_architecture_trains_an_epoch_on_cuda(tmp_path, processed, arch):
-    project = cuda_project(tmp_path, processed, {"model": {"arch": arch, **NEUTRAL[arch]}, "train": {"epochs": 1}})
+    project = cuda_project(tmp_path, processed, {"model": {"arch": arch}, "train": {"epochs": 1}})
     result = run_train(project)
     assert result["epochs"] == 1 and result["final_train_loss"] == result["final_train_loss"]  # not NaN
     ckpt = load_checkpoint(project / "models/last.pt")
@@ -75,7 +76,7 @@ def test_packed_cudnn_lstm_equals_the_cpu_path():
 
 
 def test_lstm_runs_fp32_under_autocast_with_cudnn_backward():
-    model = build(config("model", hidden=16, embed_dim=16), 13).cuda().train()
+    model = build(model_config(hidden=16, embed_dim=16), 13).cuda().train()
     seen = {}
     model.body.lstm.register_forward_hook(lambda m, i, o: seen.update(dtype=o[0].data.dtype, fn=o[0].data.grad_fn))
     x, lengths = torch.randn(4, 50, 13, device="cuda"), torch.tensor([50, 40, 30, 20])

@@ -20,7 +20,7 @@ from ctclab.inference import load_checkpoint
 from project import env, merge, project_with_data, run_train, stage
 
 # dropout off: one process draws one mask for the whole batch, two ranks draw one each
-SAME_MATH = {"model": {"lstm_layers": 2, "dropout": {"embedding": 0.0, "lstm": 0.0, "classifier": 0.0}},
+SAME_MATH = {"model": {"conv_lstm": {"lstm_layers": 2, "dropout": {"embedding": 0.0, "lstm": 0.0, "classifier": 0.0}}},
              "train": {"epochs": 3, "batch_size": 4}}
 TWO_RANKS = merge(SAME_MATH, {"train": {"distributed": {"nproc": 2}}})
 

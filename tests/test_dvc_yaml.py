@@ -13,6 +13,7 @@ from project import DEFAULTS, REPO
 
 PACKAGE = REPO / "src" / "ctclab"
 PIPELINE = REPO / "pipeline"
+ARCHS = PACKAGE / "archs"
 
 
 def ctclab_imports(path: Path) -> set[str]:
@@ -28,17 +29,24 @@ def ctclab_imports(path: Path) -> set[str]:
                 found |= {a.name for a in node.names}
             elif node.module and node.module.startswith("ctclab."):
                 found.add(node.module.split(".")[1])
-    return {m for m in found if (PACKAGE / f"{m}.py").is_file()}
+    return {m for m in found if (PACKAGE / f"{m}.py").is_file() or m == "archs"}
 
 
 def import_closure(script: Path) -> set[str]:
+    """ctclab modules a script runs; "archs" stands for the folder of architectures, which models.py
+    imports whole at run time (the registry): every module there, and what they import."""
     seen, todo = set(), list(ctclab_imports(script))
     while todo:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
-            todo += ctclab_imports(PACKAGE / f"{m}.py")
+            files = sorted(ARCHS.glob("*.py")) if m == "archs" else [PACKAGE / f"{m}.py"]
+            todo += [i for f in files for i in ctclab_imports(f)]
     return seen
+
+
+def dep_path(module: str) -> str:
+    return "src/ctclab/archs" if module == "archs" else f"src/ctclab/{module}.py"
 
 
 def local_imports(script: Path) -> set[str]:
@@ -66,7 +74,7 @@ def disagreements(dvc: dict) -> list[str]:
         deps = set(stage.get("deps", []))
         code_deps = {d for d in deps if d.startswith(("src/", "pipeline/"))}
         expected = ({str(script)} | local_imports(REPO / script)
-                    | {f"src/ctclab/{m}.py" for m in import_closure(REPO / script)})
+                    | {dep_path(m) for m in import_closure(REPO / script)})
         problems += [f"{name}: missing dep {d}" for d in sorted(expected - code_deps)]
         problems += [f"{name}: dep {d} is not imported by {script}" for d in sorted(code_deps - expected)]
         params = stage.get("params", [])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_fall2022, make_spring2022
-from project import config
+from project import config, model_config
 from ctclab import models, storage, tracking
 from ctclab.data import Shard, preprocess
 from ctclab.errors import CtclabError
@@ -21,7 +21,7 @@ def setup_project(tmp_path, raw_root, dim):
     """Preprocessed replica + an untrained model checkpoint + a training run in a tmp store."""
     preprocess(raw_root, tmp_path / "processed", config("features"))
     torch.manual_seed(0)
-    model = models.build(config("model", hidden=8, embed_dim=8, lstm_layers=1), dim)
+    model = models.build(model_config(hidden=8, embed_dim=8, lstm_layers=1), dim)
     buf = tmp_path / "models"
     buf.mkdir()
     torch.save({"model_spec": model.spec(), "model": model.state_dict()}, buf / "best.pt")

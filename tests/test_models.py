@@ -1,24 +1,32 @@
-"""A1/A2/A3 shapes, lengths, learning on a fixed batch, and every ablation knob."""
+"""Every registered architecture's shapes, lengths, learning on a fixed batch and checkpoint spec; the
+write-up's ablation knobs; checkpoints written before architectures had their own configs."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from ctclab.batching import ctc_min_frames
 from ctclab.errors import CtclabError
-from ctclab.models import BiLSTM, build, from_spec
-from project import config
+from ctclab.models import BiLSTM, architectures, build, from_spec
+from project import model_config
 
-ARCHS = ("lstm", "convnext", "conv_lstm")
-# What an architecture has no place for must be left neutral (ctclab.config refuses it otherwise).
-NEUTRAL = {"lstm": {"convnext_blocks": 0}, "convnext": {"dropout.lstm": 0.0}, "conv_lstm": {}}
+ARCHS = sorted(architectures())  # a module added to src/ctclab/archs is tested here with nothing else edited
 
 
 def tiny(arch="conv_lstm", dropout=None, **kw):
-    """A small model config; dropout=(embedding, lstm, classifier)."""
-    values = {"arch": arch, "hidden": 24, "embed_dim": 16, "lstm_layers": 2, "stride": 2, **NEUTRAL[arch], **kw}
+    """A small model config of the write-up's architectures; dropout=(embedding, lstm, classifier)."""
+    values = {"hidden": 24, "embed_dim": 16, "lstm_layers": 2, "stride": 2, **kw}
     if dropout is not None:
         values.update(zip(("dropout.embedding", "dropout.lstm", "dropout.classifier"), map(float, dropout)))
-    return config("model", **values)
+    return model_config(arch, **values)
+
+
+def without_dropout(arch: str, **values):
+    """`arch` at its params.yaml size with every dropout knob at 0, whatever the architecture calls them."""
+    section = getattr(model_config(arch), arch).model_dump()
+    zeros = {f"dropout.{k}": 0.0 for k in section.get("dropout", {})}
+    return model_config(arch, **zeros, **values)
 
 
 def fixed_batch(dim=13, seed=0):
@@ -32,7 +40,9 @@ def fixed_batch(dim=13, seed=0):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("stride", [1, 2, 4])
 def test_shapes_and_output_lengths(arch, stride):
-    model = build(tiny(arch, stride=stride), input_dim=28).eval()
+    if "stride" not in architectures()[arch].config.model_fields:
+        pytest.skip(f"{arch} has no stride knob")
+    model = build(model_config(arch, stride=stride), input_dim=28).eval()
     x, lengths = torch.randn(3, 41, 28), torch.tensor([41, 20, 5])
     log_probs, out_lengths = model(x, lengths)
     assert log_probs.shape[0] == 3 and log_probs.shape[2] == 41
@@ -44,7 +54,7 @@ def test_shapes_and_output_lengths(arch, stride):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loss_decreases_on_a_fixed_batch(arch):
     torch.manual_seed(0)
-    model = build(tiny(arch, dropout=(0, 0, 0)), input_dim=13)
+    model = build(without_dropout(arch), input_dim=13)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, lengths, targets, target_lengths = fixed_batch()
     ctc = nn.CTCLoss(blank=0)
@@ -108,11 +118,26 @@ def test_kaiming_knob_changes_initial_statistics():
     torch.testing.assert_close(on.body.lstm.weight_hh_l0, off.body.lstm.weight_hh_l0)
 
 
-def test_spec_rebuilds_the_same_module():
-    model = build(tiny("convnext"), 28)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_spec_rebuilds_the_same_module(arch):
+    model = build(model_config(arch), 28).eval()
     clone = from_spec(model.spec())
     clone.load_state_dict(model.state_dict())
-    assert clone.config == model.config and clone.input_dim == 28
+    assert type(clone) is type(model) and clone.config == model.config and clone.input_dim == 28
+    x, lengths = torch.randn(2, 30, 28), torch.tensor([30, 17])
+    torch.testing.assert_close(clone.eval()(x, lengths), model(x, lengths))
+
+
+@pytest.mark.parametrize("arch", ["conv_lstm", "lstm", "convnext"])
+def test_a_checkpoint_from_before_architecture_configs_rebuilds_and_gives_its_outputs(arch):
+    """tests/data/schema1_models.pt: tiny models and their outputs, saved by ctclab at 9d3b7db, when
+    one flat config served all three architectures (neutral knobs, A2's stages in lstm_layers)."""
+    saved = torch.load(Path(__file__).parent / "data" / "schema1_models.pt", weights_only=True)[arch]
+    assert "schema_version" not in saved["model_spec"]
+    model = from_spec(saved["model_spec"])
+    model.load_state_dict(saved["model"])
+    assert model.arch == arch and model.spec()["schema_version"] == 2
+    torch.testing.assert_close(model.eval()(saved["input"], torch.tensor([30, 22]))[0], saved["log_probs"])
 
 
 def test_ctc_min_frames_counts_repeats():
@@ -121,28 +146,69 @@ def test_ctc_min_frames_counts_repeats():
     assert ctc_min_frames(np.array([1, 2, 3])) == 3
 
 
-@pytest.mark.parametrize("arch, key, value", [("lstm", "convnext_blocks", 2), ("convnext", "dropout.lstm", 0.3)])
-def test_a_knob_the_architecture_ignores_is_refused_in_one_line(arch, key, value):
-    with pytest.raises(CtclabError) as err:
-        tiny(arch, **{key: value})
-    message = str(err.value)
-    assert f"model.{key} = {value!r}, expected" in message and f"model.arch = {arch}" in message
-    assert "\n" not in message
-
-
 def test_a_checkpoint_spec_is_validated_when_rebuilt():
     spec = build(tiny(), 13).spec()
     spec["config"]["hidden"] = "24"
-    with pytest.raises(CtclabError, match="model_spec: hidden = '24', expected an integer"):
+    with pytest.raises(CtclabError, match=r"model_spec \(conv_lstm\): hidden = '24', expected an integer"):
+        from_spec(spec)
+    spec["arch"] = "gone"
+    with pytest.raises(CtclabError, match="model_spec: model.arch = 'gone', expected one of conv_lstm, "):
         from_spec(spec)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised while torch._dynamo loads
-def test_compiled_parts_keep_the_state_dict_a_checkpoint_needs():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_parts_keep_the_state_dict_a_checkpoint_needs(arch):
     """train.compile compiles in place: a compiled training's checkpoint loads into a plain model."""
-    from ctclab.models import compile_parts
-
-    plain = build(config("model", hidden=8, embed_dim=8), 13)
-    compiled = compile_parts(build(config("model", hidden=8, embed_dim=8), 13))
+    plain = build(model_config(arch), 13)
+    compiled = build(model_config(arch), 13)
+    compiled.compile_parts()
     assert list(compiled.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(compiled.state_dict())
+
+
+@pytest.fixture
+def archs_folder(tmp_path, monkeypatch):
+    """A second folder of the ctclab.archs package, and a registry that forgets what it adds."""
+    import sys
+
+    from ctclab import archs, models
+
+    monkeypatch.setattr(archs, "__path__", [*archs.__path__, str(tmp_path)])
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("ctclab.archs.") and m.split(".")[-1] in
+                 {p.stem for p in tmp_path.glob("*.py")}]:
+        del sys.modules[name]
+
+
+def test_a_module_dropped_into_archs_is_registered_validated_and_built(archs_folder):
+    from test_pipeline import USER_ARCH
+
+    (archs_folder / "frame_mlp.py").write_text(USER_ARCH)
+    assert "frame_mlp" in architectures()
+    cfg = model_config("frame_mlp", hidden=7)
+    model = build(cfg, 13)
+    assert type(model).__name__ == "FrameMLP" and model.config.hidden == 7 and model.downsample == 1
+    with pytest.raises(CtclabError, match=r"model.frame_mlp.hidden = 'x', expected an integer"):
+        model_config("frame_mlp", hidden="x")
+
+
+def test_a_module_that_cannot_be_imported_is_named_in_one_line(archs_folder):
+    (archs_folder / "broken.py").write_text("import torch\nclass Half(:\n")
+    with pytest.raises(CtclabError) as err:
+        architectures()
+    message = str(err.value)
+    assert message.startswith(f"{archs_folder / 'broken.py'}: cannot be imported (SyntaxError: ") and "\n" not in message
+
+
+def test_a_name_taken_twice_or_not_an_identifier_is_refused(archs_folder):
+    from ctclab.config import ArchConfig
+    from ctclab.models import CTCModel, register
+
+    class Other(CTCModel):
+        pass
+    with pytest.raises(CtclabError, match="model.arch 'conv_lstm': registered twice"):
+        register("conv_lstm", ArchConfig)(Other)
+    with pytest.raises(CtclabError, match="model.arch 'arch': expected a lowercase identifier other than arch"):
+        register("arch", ArchConfig)

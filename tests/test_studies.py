@@ -16,7 +16,7 @@ from conftest import make_fall2022, make_spring2022
 from project import REPO, MlflowServer, committed_project, env, run
 
 SMOKE = {"seeds": [0, 1], "params": {"data.synthetic.train": 12, "data.synthetic.dev": 4, "data.synthetic.test": 2,
-                                     "train.epochs": 1, "model.hidden": 8, "model.embed_dim": 8}}
+                                     "train.epochs": 1, "model.conv_lstm.hidden": 8, "model.conv_lstm.embed_dim": 8}}
 
 
 def study_project(tmp_path, study: dict) -> Path:
@@ -46,8 +46,8 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
     backend, proxied artifact store) and each runs its own seeds of a smoke study; either clone's
     report gathers every seed. Read back through the REST API."""
     study = {"name": "kaiming_smoke", "question": "Does Kaiming init help?",
-             "variants": [{"name": "on", "baseline": True, "params": {"model.kaiming": True}},
-                          {"name": "off", "params": {"model.kaiming": False}},
+             "variants": [{"name": "on", "baseline": True, "params": {"model.conv_lstm.kaiming": True}},
+                          {"name": "off", "params": {"model.conv_lstm.kaiming": False}},
                           # fails in its fetch stage; must not stop the others
                           {"name": "broken", "params": {"data.source": "local", "data.path": "/nonexistent/hw3p2"}}],
              "seeds": [0, 1, 2], "smoke": SMOKE}
@@ -78,7 +78,7 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
         for k in kids:  # each child is its variant × seed's training run: params, curves, data, model
             assert k.info.run_name == f"{k.data.tags['variant']}-s{k.data.tags['seed']}"
             assert k.data.tags["dvc_exp_name"] == f"kaiming_smoke-{k.data.tags['variant']}-s{k.data.tags['seed']}-smoke"
-            assert k.data.params["model.kaiming"] == str(k.data.tags["variant"] == "on")
+            assert k.data.params["model.conv_lstm.kaiming"] == str(k.data.tags["variant"] == "on")
             assert k.data.params["decode.beam_width"] == str(yaml.safe_load((origin / "params.yaml").read_text())["decode"]["beam_width"])
             assert "eval_dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
             assert [h.step for h in client.get_metric_history(k.info.run_id, "dev_lev_greedy")] == [1]
@@ -201,7 +201,7 @@ def test_untracked_code_is_refused_and_a_dead_worker_is_replaced_once(tmp_path, 
 
 def write_study(tmp_path, **over):
     base = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": {}},
-                                                         {"name": "b", "params": {"model.kaiming": False}}],
+                                                         {"name": "b", "params": {"model.conv_lstm.kaiming": False}}],
             "seeds": [0]}
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({**base, **over}))
@@ -210,7 +210,7 @@ def write_study(tmp_path, **over):
 
 @pytest.mark.parametrize("over, message", [
     ({"variants": [{"name": "a", "params": {}}]}, "variants = '0 marked baseline: true', expected exactly one"),
-    ({"variants": [{"name": "a", "baseline": True, "params": {"model.kaiminng": True}}]}, "unknown param 'model.kaiminng'"),
+    ({"variants": [{"name": "a", "baseline": True, "params": {"model.conv_lstm.kaiminng": True}}]}, "unknown param 'model.conv_lstm.kaiminng'"),
     ({"variants": [{"name": "a", "baseline": True, "params": {"train.epochs": "many"}}]}, "train.epochs = 'many', expected an integer"),
     ({"metric": "accuracy"}, "metric = 'accuracy'"),
     ({"seeds": []}, "seeds = [], expected at least 1 item"),

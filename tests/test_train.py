@@ -11,18 +11,19 @@ from ctclab.batching import bucket_batches
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.errors import CtclabError
 from ctclab.inference import load_checkpoint, load_model
-from project import NEUTRAL, interrupt_training, merge, project_with_data, run_train
+from ctclab.models import architectures
+from project import interrupt_training, merge, project_with_data, run_train
 
 
-@pytest.mark.parametrize("arch", ["lstm", "convnext", "conv_lstm"])
+@pytest.mark.parametrize("arch", sorted(architectures()))
 def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, arch):
-    project = project_with_data(tmp_path, processed, {"model": {"arch": arch, **NEUTRAL[arch]}, "train": {"epochs": 1}})
+    project = project_with_data(tmp_path, processed, {"model": {"arch": arch}, "train": {"epochs": 1}})
     result = run_train(project)
     assert (project / "models/best.pt").is_file() and (project / "models/last.pt").is_file()
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["epochs"] == 1 and metrics["dev_per"] >= 0 and metrics["parameters"] > 0
     ckpt = load_checkpoint(project / "models/last.pt")
-    assert ckpt["model_spec"]["config"]["arch"] == arch and ckpt["epoch"] == 1
+    assert ckpt["model_spec"]["arch"] == arch and ckpt["model_spec"]["schema_version"] == 2 and ckpt["epoch"] == 1
     assert {"optimizer", "scheduler", "scaler", "rng", "best", "history"} <= set(ckpt)
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
@@ -30,14 +31,19 @@ def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, a
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
     run = runs[0]
     assert run.data.params["model.arch"] == arch and run.data.params["train.batch_size"] == "4"
-    assert "data.synthetic.seed" in run.data.params and "model.dropout.lstm" in run.data.params
+    # the params of the architecture that ran, as params.yaml names them; no other architecture's
+    section = {f"model.{arch}.{k}" for k in ckpt["model_spec"]["config"] if k != "dropout"}
+    assert "data.synthetic.seed" in run.data.params and section <= set(run.data.params)
+    assert not any(k.startswith("model.") and k != "model.arch" and not k.startswith(f"model.{arch}.")
+                   for k in run.data.params)
     for m in ("train_loss", "dev_loss", "dev_lev_greedy", "lr", "epoch_seconds", "utterances_per_second"):
         assert m in run.data.metrics
     tags = run.data.tags
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
     assert tags["data_hash"] == json.loads((project / "data/processed/meta.json").read_text())["data_hash"]
     assert {"mlflow.source.git.commit", "git_dirty", "cudnn_version", "cuda_version", "host"} <= set(tags)
-    assert run.info.run_name == f"{arch}-h{run.data.params['model.hidden']}-s0"
+    hidden = run.data.params.get(f"model.{arch}.hidden")
+    assert run.info.run_name == (f"{arch}-h{hidden}-s0" if hidden else f"{arch}-s0")
     meta = json.loads((project / "data/processed/meta.json").read_text())
     [data] = run.inputs.dataset_inputs  # the Dataset column: which data this run saw
     assert data.dataset.name == "ctclab-synthetic" and data.dataset.digest == meta["data_hash"][:12]
@@ -111,7 +117,7 @@ def test_rerun_is_bit_identical_on_cpu(tmp_path, processed):
 
 # warmup 1: the stop falls inside the lr ramp, and the resumed run crosses into cosine
 STOPPED = {"train": {"epochs": 3, "batch_size": 2, "warmup_epochs": 1, "specaugment": {"time_masks": 1}},
-           "model": {"hidden": 32}}
+           "model": {"conv_lstm": {"hidden": 32}}}
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +226,10 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(processed):
     from ctclab.batching import collate
     from ctclab.data import Shard
     from ctclab.train import fitting_backward
-    from project import config
+    from project import model_config
 
     torch.manual_seed(0)
-    model = models.build(config("model", hidden=16, embed_dim=16), 13).eval()  # eval: no dropout, BatchNorm fixed
+    model = models.build(model_config(hidden=16, embed_dim=16), 13).eval()  # eval: no dropout, BatchNorm fixed
     batch = collate(Shard(processed / "train"), [0, 3, 5, 7, 9])
     ctc, scaler = nn.CTCLoss(blank=0, reduction="mean"), torch.amp.GradScaler("cuda", enabled=False)
     optimizer = torch.optim.Adam(model.parameters())
@@ -231,7 +237,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(processed):
     grads = [p.grad.clone() for p in model.parameters()]
 
     calls = []
-    real_forward = models.CTCModel.forward
+    real_forward = models.FrontBodyHead.forward
 
     def small_memory(self, x, lengths):  # a device that holds at most 2 utterances
         calls.append(len(x))
@@ -240,11 +246,11 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(processed):
         return real_forward(self, x, lengths)
 
     optimizer.zero_grad()
-    models.CTCModel.forward = small_memory
+    models.FrontBodyHead.forward = small_memory
     try:
         split = fitting_backward(model, batch, ctc, scaler, None, "split", optimizer)
     finally:
-        models.CTCModel.forward = real_forward
+        models.FrontBodyHead.forward = real_forward
     assert calls == [5, 3, 2, 2, 1]  # 5 fails, 3 fails, then micro-batches of ≤ 2
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
     for p, g in zip(model.parameters(), grads):
@@ -254,14 +260,14 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(processed):
 def test_out_of_memory_splits_or_stops_in_one_line(tmp_path, processed, monkeypatch, capsys):
     from ctclab import models
 
-    real_forward = models.CTCModel.forward
+    real_forward = models.FrontBodyHead.forward
 
     def small_memory(self, x, lengths):
         if self.training and len(x) > 2:
             raise torch.OutOfMemoryError("injected")
         return real_forward(self, x, lengths)
 
-    monkeypatch.setattr(models.CTCModel, "forward", small_memory)
+    monkeypatch.setattr(models.FrontBodyHead, "forward", small_memory)
     project = project_with_data(tmp_path / "split", processed, {"train": {"epochs": 1, "batch_size": 4}})
     assert run_train(project)["epochs"] == 1
     err = capsys.readouterr().err

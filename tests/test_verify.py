@@ -19,11 +19,11 @@ CURVES = {"train_loss": [3.0, 2.0], "dev_lev_greedy": [3.1, 2.5]}
 
 def test_recorded_params_come_back_with_their_types(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    recorded = {"train.epochs": "3", "train.lr": "0.01", "model.kaiming": "False", "train.checkpoint_minutes": "10.0",
+    recorded = {"train.epochs": "3", "train.lr": "0.01", "model.lstm.kaiming": "False", "train.checkpoint_minutes": "10.0",
                 "data.path": "", "tracking.uri": "http://elsewhere", "model.arch": "lstm"}
     verify.write_params(tmp_path, recorded, "7", "sqlite:////tmp/own.db")
     p = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    assert p["train"]["epochs"] == 3 and p["train"]["lr"] == 0.01 and p["model"]["kaiming"] is False
+    assert p["train"]["epochs"] == 3 and p["train"]["lr"] == 0.01 and p["model"]["lstm"]["kaiming"] is False
     assert p["train"]["checkpoint_minutes"] == 10 and p["data"]["path"] == "" and p["model"]["arch"] == "lstm"
     assert p["decode"]["beam_width"] == 7 and p["tracking"]["uri"] == "sqlite:////tmp/own.db"  # its own store
     assert set(p["study"].values()) == {""}

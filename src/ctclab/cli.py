@@ -121,6 +121,7 @@ def cmd_ui(a) -> int:
 
 
 def cmd_params(a) -> int:
+    from . import models  # noqa: F401  (its registry: each model.<arch> section is checked and described too)
     from .config import json_schema, load_params
 
     if a.schema:

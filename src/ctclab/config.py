@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import CtclabError
@@ -64,41 +65,21 @@ class FeaturesConfig(Section):
     on_bad: Literal["skip", "fail"]
 
 
-class DropoutConfig(Section):
-    embedding: Probability
-    lstm: Probability
-    classifier: Probability
+class ArchConfig(Section):
+    """An architecture's knobs (subclassed in each module of ctclab.archs). Every field has a default:
+    params.yaml's `model.<arch>` section may leave keys out, and a checkpoint written before a field
+    existed still loads."""
 
 
-# Which knobs each architecture reads, and what a knob it does not read must be left at (so a
-# value that would have no effect is refused instead of silently dropped). `lstm_layers` is the
-# number of residual stages for convnext (documented mapping, see models.py).
-IGNORED_KNOBS: dict[str, dict[str, tuple[Any, str]]] = {
-    "lstm": {"convnext_blocks": (0, "A1 (lstm) has no ConvNeXt blocks")},
-    "convnext": {"dropout.lstm": (0.0, "A2 (convnext) has no LSTM")},
-    "conv_lstm": {},
-}
+class ModelSection(Section):
+    """`model.arch` picks a registered architecture; `model.<name>` holds each one's knobs. The
+    fields per architecture are added when params are validated (see `params_class`)."""
+    arch: str
 
-
-class ModelConfig(Section):
-    arch: Literal["lstm", "convnext", "conv_lstm"]
-    hidden: AtLeast1
-    lstm_layers: AtLeast1
-    embed_dim: AtLeast1
-    stride: Literal[1, 2, 4]
-    convnext_blocks: NonNegativeInt
-    kaiming: bool
-    dropout: DropoutConfig
-
-    @model_validator(mode="after")
-    def _knobs_apply_to_arch(self):
-        for key, (neutral, why) in IGNORED_KNOBS[self.arch].items():
-            value = functools.reduce(getattr, key.split("."), self)
-            if value != neutral:
-                raise rule_error(key, value, f"{neutral} with model.arch = {self.arch}: {why}")
-        if self.arch == "convnext" and self.convnext_blocks < 1:
-            raise rule_error("convnext_blocks", self.convnext_blocks, "at least 1 (blocks per stage) with model.arch = convnext")
-        return self
+    @property
+    def active(self) -> ArchConfig:
+        """The knobs of the architecture that runs."""
+        return getattr(self, self.arch)
 
 
 class SpecAugmentConfig(Section):
@@ -137,7 +118,7 @@ class TrainConfig(Section):
     resume: Literal["auto", "never"]
     checkpoint_minutes: Annotated[float, Field(gt=0.0)]  # a mid-epoch resume checkpoint at least this often
     oom: Literal["split", "fail"]  # out of memory: retry the batch as micro-batches, or stop
-    compile: bool  # torch.compile the non-recurrent parts (models.compile_parts)
+    compile: bool  # torch.compile what the architecture says fuses well (CTCModel.compile_parts)
     specaugment: SpecAugmentConfig
     distributed: DistributedConfig
 
@@ -188,7 +169,7 @@ class StudyConfig(Section):
 class Params(Section):
     data: DataConfig
     features: FeaturesConfig
-    model: ModelConfig
+    model: ModelSection
     train: TrainConfig
     tracking: TrackingConfig
     decode: DecodeConfig
@@ -255,14 +236,46 @@ def one_line(err: ValidationError, source: str, root: type[BaseModel]) -> str:
     return f"{source}: {key} = {e['input']!r}, expected {_expected(e, _field(loc, root))}"
 
 
+def params_class() -> type[Params]:
+    """Params with a `model.<name>` section for each architecture (ctclab.archs) — in a process that
+    builds models, i.e. has imported ctclab.models, whose registry finds them. A process that never
+    does (the fetch and preprocess stages) leaves the model section unchecked rather than import
+    every architecture's code: a stage depends on the code it runs (tests/test_dvc_yaml.py), and
+    a new architecture must not re-run the corpus."""
+    models = sys.modules.get(f"{__package__}.models")
+    archs = models.architectures() if models is not None else {}
+    return _params_class(tuple((a.name, a.config) for a in archs.values()))
+
+
+class UncheckedModelSection(ModelSection):
+    """The model section where no architecture is known (see params_class): kept, not checked or used."""
+    model_config = ConfigDict(extra="allow")
+
+    @property
+    def active(self) -> ArchConfig:
+        raise CtclabError("params.yaml: the model section was not checked (this process never imported "
+                          "ctclab.models, whose registry knows the architectures); import it before load_params")
+
+
+@functools.cache
+def _params_class(archs: tuple[tuple[str, type[ArchConfig]], ...]) -> type[Params]:
+    if not archs:
+        return create_model("Params", __base__=Params, model=(UncheckedModelSection, ...))
+    names = tuple(name for name, _ in archs)
+    model = create_model("ModelConfig", __base__=ModelSection, arch=(Literal[names], ...),
+                         **{name: (cfg, Field(default_factory=cfg)) for name, cfg in archs})
+    return create_model("Params", __base__=Params, model=(model, ...))
+
+
 def validate(raw, source: str = "params.yaml") -> Params:
     """Params from a parsed params.yaml mapping, or CtclabError with one line naming the key."""
     if not isinstance(raw, dict):
         raise CtclabError(f"{source}: expected a mapping of sections ({', '.join(Params.model_fields)})")
+    cls = params_class()
     try:
-        return Params.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as err:
-        raise CtclabError(one_line(err, source, Params)) from None
+        raise CtclabError(one_line(err, source, cls)) from None
 
 
 class Yaml12Loader(yaml.SafeLoader):
@@ -294,8 +307,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def with_overrides(params: Params, overrides: dict[str, Any], source: str = "overrides") -> Params:
-    """Params with dotted overrides (`{"model.hidden": 8}`) applied and validated like params.yaml."""
-    raw = params.model_dump()
+    """Params with dotted overrides (`{"model.conv_lstm.hidden": 8}`) applied and validated like params.yaml."""
+    # re-read first: an architecture registered since `params` was read gets its default section
+    raw = validate(params.model_dump(), source).model_dump()
     for key, value in overrides.items():
         node, parts = raw, key.split(".")
         for p in parts[:-1]:
@@ -303,16 +317,18 @@ def with_overrides(params: Params, overrides: dict[str, Any], source: str = "ove
             if not isinstance(node, dict):
                 break
         if not isinstance(node, dict) or parts[-1] not in node or isinstance(node[parts[-1]], dict):
-            raise CtclabError(f"{source}: unknown param {key!r}; expected a key of params.yaml such as model.kaiming")
+            raise CtclabError(f"{source}: unknown param {key!r}; expected a key of params.yaml such as train.lr")
         node[parts[-1]] = value
     return validate(raw, source)
 
 
 def flatten(obj: BaseModel, prefix: str = "") -> dict[str, object]:
-    """Dotted-name view of a config object, e.g. {'model.dropout.lstm': 0.2} (for MLflow params)."""
+    """Dotted-name view of a config object, e.g. {'model.conv_lstm.dropout.lstm': 0.2} (for MLflow params)."""
     out: dict[str, object] = {}
-    for name in type(obj).model_fields:
-        v = getattr(obj, name)
+    # of the architectures' sections only the one that runs: the others' knobs did nothing
+    names = ("arch", obj.arch) if isinstance(obj, ModelSection) else type(obj).model_fields
+    for name in names:
+        v = obj.active if isinstance(obj, ModelSection) and name == obj.arch else getattr(obj, name)
         if isinstance(v, BaseModel):
             out.update(flatten(v, f"{prefix}{name}."))
         else:
@@ -322,4 +338,4 @@ def flatten(obj: BaseModel, prefix: str = "") -> dict[str, object]:
 
 def json_schema() -> dict:
     """JSON schema of params.yaml (for editors: `# yaml-language-server: $schema=...`)."""
-    return Params.model_json_schema()
+    return params_class().model_json_schema()

@@ -1,28 +1,47 @@
-"""The write-up's CTC acoustic models (pure torch modules: no files, no tracking).
+"""CTC acoustic models (pure torch modules: no files, no tracking): what every architecture is
+(`CTCModel`), the registry that maps params.yaml's `model.arch` to one, the blocks the write-up's
+architectures share, and the `Recognizer` ctclab logs to MLflow.
 
-    lstm       A1: conv embedding → BiLSTM → Linear(2h, classes)
-    convnext   A2: conv stem → residual 1-D ConvNeXt stages (depthwise 7-tap, inverted bottleneck)
-    conv_lstm  A3: Conv1d(stride) + BatchNorm + GELU + ConvNeXt block(s) + dropout → BiLSTM →
-               Linear(2h, 4h) + GELU + Linear(4h, classes)
+An architecture is one module of src/ctclab/archs: a config class (its own knobs, with defaults;
+params.yaml's `model.<name>` section sets them) and a CTCModel subclass registered under its name.
 
-Every model maps features [B, T, D] and lengths [B] to log-probabilities [B, T', classes] and
-output lengths; `downsample` says T/T'. Ablation knobs: dropout.embedding (after the front end),
-dropout.lstm (between LSTM layers), dropout.classifier (before the last Linear), kaiming. Knobs an
-architecture has no place for are refused by ctclab.config (A1 has no ConvNeXt blocks, A2 no
-LSTM); for A2, lstm_layers is the number of residual stages and convnext_blocks the blocks in each.
+    from ctclab.config import ArchConfig
+    from ctclab.models import CTCModel, register
 
-The BiLSTM runs packed on CUDA (cuDNN) and unpacked on the CPU, where backward through packed
-sequences is far slower; both paths use the same weights and give the same outputs.
+    class TinyConfig(ArchConfig):
+        hidden: int = 64
+
+    @register("tiny", TinyConfig)
+    class Tiny(CTCModel):
+        def __init__(self, cfg, input_dim, num_classes): ...
+        def output_lengths(self, lengths): return lengths
+        def forward(self, x, lengths): return log_probs, self.output_lengths(lengths)
+
+Then `dvc exp run -S model.arch=tiny`. Shipped: lstm (A1), convnext (A2), conv_lstm (A3, the
+default) and transformer. The BiLSTM runs packed on CUDA (cuDNN) and unpacked on the CPU, where
+backward through packed sequences is far slower; both paths use the same weights and outputs.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .config import ModelConfig
+from .config import ArchConfig, ModelSection, one_line
+from .errors import CtclabError
 from .labels import NUM_CLASSES
+
+# Version of what checkpoints record of a model (`CTCModel.spec`); 1 had no number (see legacy_spec).
+SPEC_VERSION = 2
 
 
 class ConvNeXtBlock1d(nn.Module):
@@ -107,51 +126,122 @@ class BiLSTM(nn.Module):
 
 
 class CTCModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, input_dim: int, num_classes: int = NUM_CLASSES):
+    """What every architecture is: features [B, T, D] and lengths [B] (on the CPU) → log-probabilities
+    [B, T', classes] and output lengths. A subclass builds its layers from its own config (an
+    ArchConfig subclass), says how lengths shrink (`output_lengths`) and is registered with `register`."""
+
+    arch: str = ""  # the registered name, set by `register`
+
+    def __init__(self, cfg: ArchConfig, input_dim: int, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.config, self.input_dim, self.num_classes = cfg, input_dim, num_classes
-        d, h = cfg.dropout, cfg.hidden
-        blocks = cfg.convnext_blocks if cfg.arch == "conv_lstm" else 0
-        self.front = ConvFrontEnd(input_dim, cfg.embed_dim, cfg.stride, blocks, d.embedding)
-        if cfg.arch == "convnext":
-            # A2: as many residual stages as the LSTM models have layers, at the BiLSTM's output
-            # width (2h), so the three architectures compare at similar parameter counts.
-            stages = [nn.Conv1d(cfg.embed_dim, 2 * h, 1)]
-            for _ in range(cfg.lstm_layers):
-                stages += [ConvNeXtBlock1d(2 * h) for _ in range(cfg.convnext_blocks)]
-            self.body = nn.Sequential(*stages)
-            head_in = 2 * h
-        else:
-            self.body = BiLSTM(cfg.embed_dim, h, cfg.lstm_layers, d.lstm)
-            head_in = 2 * h
-        drop = nn.Dropout(d.classifier) if d.classifier > 0 else nn.Identity()
-        if cfg.arch == "conv_lstm":
-            self.head = nn.Sequential(nn.Linear(head_in, 4 * h), nn.GELU(), drop, nn.Linear(4 * h, num_classes))
-        else:
-            self.head = nn.Sequential(drop, nn.Linear(head_in, num_classes))
-        if cfg.kaiming:
-            self.apply(_kaiming)
 
     @property
     def downsample(self) -> int:
-        return self.config.stride
+        """T / T' (for messages): the config's `stride` where it has one."""
+        return getattr(self.config, "stride", 1)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def compile_parts(self) -> None:
+        """train.compile: torch.compile, in place (state-dict keys unchanged), what fuses well. By
+        default the whole model with dynamic shapes (every bucketed batch has its own length)."""
+        self.compile(dynamic=True)
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild this module (stored in checkpoints)."""
+        return {"schema_version": SPEC_VERSION, "arch": self.arch, "config": self.config.model_dump(),
+                "input_dim": self.input_dim, "num_classes": self.num_classes}
+
+
+class FrontBodyHead(CTCModel):
+    """The write-up's shape: a ConvFrontEnd (`front`, which sets the stride), a `body` over the
+    downsampled frames, a `head` to class scores, then log-softmax (in float32 whatever autocast did)."""
+
+    front: ConvFrontEnd
+    body: nn.Module
+    head: nn.Module
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return self.front.output_lengths(lengths)
 
+    def encode(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The body over the front end's output [B, T', C] (lengths: the output lengths)."""
+        return self.body(h, lengths)
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_lengths = self.output_lengths(lengths)
-        h = self.front(x)
-        if isinstance(self.body, BiLSTM):
-            h = self.body(h, out_lengths)
-        else:
-            h = self.body(h.transpose(1, 2)).transpose(1, 2)
-        logits = self.head(h)
-        return torch.log_softmax(logits.float(), dim=-1), out_lengths
+        h = self.encode(self.front(x), out_lengths)
+        return torch.log_softmax(self.head(h).float(), dim=-1), out_lengths
 
-    def spec(self) -> dict:
-        """Everything needed to rebuild this module (stored in checkpoints)."""
-        return {"config": self.config.model_dump(), "input_dim": self.input_dim, "num_classes": self.num_classes}
+    def compile_parts(self) -> None:
+        """The parts whose many small ops fuse: the front end, the head, and the body unless it is
+        the BiLSTM (cuDNN runs it as one kernel per layer on CUDA; on the CPU it is torch.lstm already)."""
+        for part in (self.front, self.head, *([] if isinstance(self.body, BiLSTM) else [self.body])):
+            part.compile(dynamic=True)
+
+
+def dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def kaiming(m: nn.Module) -> None:
+    """Kaiming-normal conv and linear weights, zero biases (`model.apply(kaiming)`)."""
+    if isinstance(m, (nn.Conv1d, nn.Linear)):
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    config: type[ArchConfig]
+    model: type[CTCModel]
+
+
+_REGISTRY: dict[str, Arch] = {}
+
+
+def register(name: str, config: type[ArchConfig]):
+    """Class decorator: `model.arch: <name>` builds this CTCModel subclass from a `config` (read from
+    params.yaml's model.<name> section)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ModelSection.model_fields or hasattr(ModelSection, name):
+        raise CtclabError(f"model.arch {name!r}: expected a lowercase identifier other than "
+                          f"{', '.join(ModelSection.model_fields)} (it names params.yaml's model.<name> section)")
+
+    def add(cls: type[CTCModel]) -> type[CTCModel]:
+        known = _REGISTRY.get(name)
+        # the same class again (its module re-imported) replaces itself; another class is a clash
+        if known is not None and (known.model.__module__, known.model.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise CtclabError(f"model.arch {name!r}: registered twice ({known.model.__module__}.{known.model.__qualname__}"
+                              f" and {cls.__module__}.{cls.__qualname__}); rename one")
+        cls.arch = name
+        _REGISTRY[name] = Arch(name, config, cls)
+        return cls
+    return add
+
+
+def architectures() -> dict[str, Arch]:
+    """Every architecture: each module of ctclab.archs is imported (and so registers itself) on first
+    use, a user's new file included. A module that cannot be imported is named in one line."""
+    from . import archs
+
+    for info in pkgutil.iter_modules(archs.__path__):
+        name = f"{archs.__name__}.{info.name}"
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001  (a user's module: any error is theirs to see in one line)
+            sys.modules.pop(name, None)
+            raise CtclabError(f"{Path(info.module_finder.path) / info.name}.py: cannot be imported "
+                              f"({type(err).__name__}: {err})") from None
+    return dict(sorted(_REGISTRY.items()))
 
 
 class Recognizer(nn.Module):
@@ -179,38 +269,44 @@ class Recognizer(nn.Module):
         return self.model(x, lengths)[0]
 
 
-def _kaiming(m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv1d, nn.Linear)):
-        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
-def build(cfg: ModelConfig, input_dim: int, num_classes: int = NUM_CLASSES) -> CTCModel:
-    return CTCModel(cfg, input_dim, num_classes)
+def build(cfg: ModelSection, input_dim: int, num_classes: int = NUM_CLASSES) -> CTCModel:
+    """The model params.yaml's `model` section asks for: model.arch's class, built from its section."""
+    return architectures()[cfg.arch].model(cfg.active, input_dim, num_classes)
 
 
 def from_spec(spec: dict) -> CTCModel:
-    """Rebuild a model from a checkpoint's spec, validating its config like params.yaml."""
-    from .config import one_line
-    from .errors import CtclabError
-    from pydantic import ValidationError
-
+    """Rebuild a model from a checkpoint's spec, validating its config like params.yaml. A spec
+    written before architectures had their own configs (no schema_version) is read by `legacy_spec`."""
+    if "schema_version" not in spec:
+        spec = legacy_spec(spec)
+    known = architectures()
+    if spec["arch"] not in known:
+        raise CtclabError(f"checkpoint model_spec: model.arch = {spec['arch']!r}, expected one of {', '.join(known)} "
+                          "(a module of src/ctclab/archs registers it)")
+    arch = known[spec["arch"]]
     try:
-        cfg = ModelConfig.model_validate(spec["config"])
+        cfg = arch.config.model_validate(spec["config"])
     except ValidationError as err:
-        raise CtclabError(one_line(err, "checkpoint model_spec", ModelConfig)) from None
-    return CTCModel(cfg, spec["input_dim"], spec["num_classes"])
+        raise CtclabError(one_line(err, f"checkpoint model_spec ({arch.name})", arch.config)) from None
+    return arch.model(cfg, spec["input_dim"], spec["num_classes"])
 
 
-def compile_parts(model: CTCModel) -> CTCModel:
-    """torch.compile, in place (state-dict keys unchanged), the parts whose many small ops fuse: the
-    conv front end, A2's ConvNeXt stages and the head. The BiLSTM stays eager: cuDNN runs it as one
-    kernel per layer on CUDA, and the CPU path is torch.lstm already. Shapes vary with every
-    bucketed batch, hence dynamic shapes (one graph, not one per length)."""
-    for part in (model.front, model.head, *([] if isinstance(model.body, BiLSTM) else [model.body])):
-        part.compile(dynamic=True)
-    return model
+# Schema 1 (no version): one flat config for all three architectures; knobs an architecture had no
+# place for were held at neutral values, and A2 read lstm_layers as its stages.
+_LEGACY_RENAMES = {"convnext": {"lstm_layers": "stages", "convnext_blocks": "blocks"}}
+
+
+def legacy_spec(spec: dict) -> dict:
+    """A schema-1 checkpoint spec in today's form: its architecture's own knobs, renamed where they were."""
+    config = dict(spec["config"])
+    arch = config.pop("arch")
+    config = {_LEGACY_RENAMES.get(arch, {}).get(k, k): v for k, v in config.items()}
+    fields = architectures()[arch].config.model_fields
+    config = {k: v for k, v in config.items() if k in fields}
+    if "dropout" in config:
+        allowed = fields["dropout"].annotation.model_fields
+        config["dropout"] = {k: v for k, v in config["dropout"].items() if k in allowed}
+    return {**spec, "schema_version": SPEC_VERSION, "arch": arch, "config": config}
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import config, tracking
+from . import config, models, tracking
 from .errors import CtclabError
 from .project import tool_env
 
@@ -118,6 +118,7 @@ def load(path: str | Path, params_path: str | Path = "params.yaml") -> Study:
         study = Study.model_validate({**raw, "path": str(path)})
     except ValidationError as err:
         raise CtclabError(config.one_line(err, str(path), Study)) from None
+    models.architectures()  # a variant may set any architecture's knobs: each is checked against its config
     base = config.load_params(params_path)
     for v in study.variants:
         for smoke in (False, True):

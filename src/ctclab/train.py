@@ -300,11 +300,13 @@ def write_outputs(history: list[dict], summary: dict, run: tracking.RunLog, out_
 
 def run_identity(params: Params) -> tuple[str, str]:
     """(run name, study parent run id): a study's training is `<variant>-s<seed>` under the study's
-    parent; any other run takes its DVC experiment's name, else `<arch>-h<hidden>-s<seed>`."""
+    parent; any other run takes its DVC experiment's name, else `<arch>-h<hidden>-s<seed>` (no -h… for an
+    architecture without `hidden`)."""
     study, seed = params.study, params.train.seed
     if study.name and study.parent_run_id:
         return f"{study.variant}-s{seed}", study.parent_run_id
-    return os.environ.get("DVC_EXP_NAME") or f"{params.model.arch}-h{params.model.hidden}-s{seed}", ""
+    hidden = getattr(params.model.active, "hidden", None)
+    return os.environ.get("DVC_EXP_NAME") or f"{params.model.arch}{f'-h{hidden}' if hidden else ''}-s{seed}", ""
 
 
 def data_input(params: Params, meta: dict, data_dir: Path) -> tracking.DataInput:
@@ -390,7 +392,7 @@ def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Tr
     model = models.build(params.model, train_set.feature_dim).to(device)
     train_idx, infeasible = trainable(train_set, dev_set, model, data_dir)
     if cfg.compile:
-        models.compile_parts(model)
+        model.compile_parts()
     net = group.wrap(model, device)
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
