@@ -6,6 +6,7 @@ competition's order, write submission/submission.csv in its format, optionally u
 import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
+from ctclab.results import describe_test
 from ctclab.submission import submit
 
 # decode.beam_width changes the predictions; submit.upload and data.competition decide whether and
@@ -17,8 +18,7 @@ PARAMS = ["decode.beam_width", "submit.upload", "data.competition"]
 def main() -> None:
     p = load_params()
     r = submit(p.decode, p.submit.upload, p.data.competition, tracking_uri=p.tracking.uri)
-    extra = f"; test Levenshtein {r['test_lev_beam']:.3f}, PER {r['test_per']:.1%}" if "test_lev_beam" in r else ""
-    print(f"submit: {r['rows']} rows ({r['format']} format) in submission/submission.csv{extra}")
+    print(f"submit: {r['rows']} rows ({r['format']} format) in submission/submission.csv{describe_test(r)}")
 
 
 if __name__ == "__main__":

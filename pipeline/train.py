@@ -28,11 +28,11 @@ def main() -> None:
         distributed.launch(params.train.distributed, select_device(params.train.device), __file__)
         return
     with distributed.worker_errors():
-        result = train(params)
+        best, run_id = train(params)
     if os.environ.get("RANK", "0") != "0":
         return
-    print(f"train: best dev greedy distance {result['dev_lev_greedy']:.3f} (PER {result['dev_per']:.1%}) "
-          f"at epoch {result['best_epoch']}; MLflow run {result['mlflow_run_id']}")
+    print(f"train: best dev greedy distance {best.dev_lev_greedy:.3f} (PER {best.dev_per:.1%}) "
+          f"at epoch {best.best_epoch}; MLflow run {run_id}")
 
 
 if __name__ == "__main__":

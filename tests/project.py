@@ -70,11 +70,15 @@ def project_with_data(dest: Path, processed: Path, overrides: dict | None = None
 
 
 def run_train(project: Path) -> dict:
-    """The train stage's library call, in-process, on a project copy."""
+    """The train stage's library call, in-process, on a project copy: metrics/train.json's summary
+    and the MLflow run id."""
+    from dataclasses import asdict
+
     from ctclab.train import train
 
-    return train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
-                 project / "metrics", root=project, progress=False)
+    summary, run_id = train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
+                            project / "metrics", root=project, progress=False)
+    return {**asdict(summary), "mlflow_run_id": run_id}
 
 
 def interrupt_training(project: Path, sig: int, deadline_s: float = 600) -> tuple[int, str, dict]:

@@ -13,7 +13,6 @@ from project import DEFAULTS, REPO
 
 PACKAGE = REPO / "src" / "ctclab"
 PIPELINE = REPO / "pipeline"
-ARCHS = PACKAGE / "archs"
 
 
 def ctclab_imports(path: Path) -> set[str]:
@@ -29,24 +28,25 @@ def ctclab_imports(path: Path) -> set[str]:
                 found |= {a.name for a in node.names}
             elif node.module and node.module.startswith("ctclab."):
                 found.add(node.module.split(".")[1])
-    return {m for m in found if (PACKAGE / f"{m}.py").is_file() or m == "archs"}
+    return {m for m in found if (PACKAGE / f"{m}.py").is_file() or (PACKAGE / m / "__init__.py").is_file()}
 
 
 def import_closure(script: Path) -> set[str]:
-    """ctclab modules a script runs; "archs" stands for the folder of architectures, which models.py
-    imports whole at run time (the registry): every module there, and what they import."""
+    """ctclab modules a script runs. A subpackage (archs, decoders) is a folder of plug-ins its
+    registry imports whole at run time: it stands for every module there, and what they import."""
     seen, todo = set(), list(ctclab_imports(script))
     while todo:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
-            files = sorted(ARCHS.glob("*.py")) if m == "archs" else [PACKAGE / f"{m}.py"]
+            folder = PACKAGE / m
+            files = sorted(folder.glob("*.py")) if folder.is_dir() else [PACKAGE / f"{m}.py"]
             todo += [i for f in files for i in ctclab_imports(f)]
     return seen
 
 
 def dep_path(module: str) -> str:
-    return "src/ctclab/archs" if module == "archs" else f"src/ctclab/{module}.py"
+    return f"src/ctclab/{module}" if (PACKAGE / module).is_dir() else f"src/ctclab/{module}.py"
 
 
 def local_imports(script: Path) -> set[str]:
@@ -106,3 +106,12 @@ def test_declared_params_are_real_keys(script):
     keys = set(flatten(DEFAULTS))
     for p in declared_params(script):
         assert p in keys or any(k.startswith(p + ".") for k in keys), f"{script.name}: {p} is not a params.yaml key"
+
+
+def test_plots_draw_the_history_columns_ctclab_writes():
+    from ctclab.results import HISTORY_COLUMNS
+
+    [plot] = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    [(path, spec)] = plot.items()
+    assert path == "metrics/train_history.csv" and spec["x"] == HISTORY_COLUMNS[0]
+    assert spec["y"] and set(spec["y"]) <= set(HISTORY_COLUMNS[1:])

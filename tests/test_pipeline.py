@@ -32,7 +32,7 @@ def test_make_run_goes_fetch_to_submit_and_prints_the_summary(repro):
     assert "dev Levenshtein greedy" in summary and "beam(4)" in summary and "PER" in summary
     assert "submission/submission.csv (4 rows)" in summary
     ev = json.loads((project / "metrics/eval.json").read_text())
-    assert set(ev) == {"dev_lev_greedy", "dev_lev_beam", "dev_per", "dev_per_greedy", "beam_width"}
+    assert set(ev) == {"dev_lev_greedy", "dev_lev_beam", "dev_per_beam", "dev_per_greedy", "beam_width"}
     rows = list(csv.reader(open(project / "submission/submission.csv")))
     assert rows[0] == ["id", "predictions"] and [r[0] for r in rows[1:]] == ["0", "1", "2", "3"]
     # evaluate and submit logged into the training's run
@@ -211,3 +211,36 @@ def test_a_new_architecture_is_one_file_and_runs_through_dvc(repro, tmp_path):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]
     assert "src/ctclab/archs" in {d["path"] for d in lock["deps"]}
     assert lock["params"]["params.yaml"]["model"]["arch"] == "frame_mlp"
+
+
+USER_DECODER = '''"""A user's own decoder, as a user would add it: this file and nothing else."""
+from contextlib import nullcontext
+
+from ctclab.decode import greedy, register_decoder
+
+
+def best_path_twice(log_probs, lengths):
+    return greedy(log_probs, lengths)
+
+
+@register_decoder("best_path")
+def open_best_path(cfg):
+    return nullcontext(best_path_twice)
+'''
+
+
+def test_a_new_decoder_is_one_file_and_evaluate_scores_it(repro, tmp_path):
+    """Drop a module into src/ctclab/decoders, `dvc repro`: evaluate (and only evaluate) runs again
+    and the decoder's scores are in metrics/eval.json and the training's MLflow run."""
+    project = tmp_path / "own"
+    shutil.copytree(repro[0], project, symlinks=True)
+    run(project, sys.executable, "-m", "dvc", "repro")  # whatever earlier tests left changed
+    (project / "src/ctclab/decoders/best_path.py").write_text(USER_DECODER)
+    out = run(project, sys.executable, "-m", "dvc", "repro", env={"PYTHONPATH": str(project / "src")}).stdout
+    assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out and "Running stage 'submit'" not in out
+    ev = json.loads((project / "metrics/eval.json").read_text())
+    assert ev["dev_lev_best_path"] == ev["dev_lev_greedy"] and ev["dev_per_best_path"] == ev["dev_per_greedy"]
+    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
+    metrics = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).data.metrics
+    assert metrics["eval_dev_lev_best_path"] == ev["dev_lev_greedy"]
+    assert "decode_best_path_utterances_per_second" in metrics

@@ -12,7 +12,7 @@ def record(metrics, tags=None, run_id="r" * 32):
     return tracking.RunRecord(run_id, "FINISHED", 0, {}, metrics, {**HW, "checkpoint_sha256": "a" * 64, **(tags or {})})
 
 
-SCORES = {"best_dev_lev_greedy": 2.5, "eval_dev_lev_greedy": 2.5, "eval_dev_lev_beam": 2.4, "eval_dev_per": 0.12,
+SCORES = {"best_dev_lev_greedy": 2.5, "eval_dev_lev_greedy": 2.5, "eval_dev_lev_beam": 2.4, "eval_dev_per_beam": 0.12,
           "eval_dev_per_greedy": 0.13}
 CURVES = {"train_loss": [3.0, 2.0], "dev_lev_greedy": [3.1, 2.5]}
 

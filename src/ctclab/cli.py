@@ -72,6 +72,8 @@ def _training_run(root: Path) -> str:
 
 
 def summary(root: Path, times: dict[str, float | None], total: float) -> str:
+    from .results import TrainSummary, describe_eval, describe_test
+
     lines = ["", "── ctclab summary " + "─" * 40]
     meta = _read_json(root / "data/processed/meta.json")
     if meta:
@@ -82,17 +84,15 @@ def summary(root: Path, times: dict[str, float | None], total: float) -> str:
         lines.append(f"stage      {stage:<11} {'cached' if seconds is None else f'{seconds:6.1f} s'}")
     train = _read_json(root / "metrics/train.json")
     if train:
-        lines.append(f"train      dev greedy Levenshtein {train['dev_lev_greedy']:.3f}, PER {train['dev_per']:.1%} "
-                     f"(best of {train['epochs']} epochs); MLflow run {_training_run(root)}")
+        best = TrainSummary(**train)
+        lines.append(f"train      dev greedy Levenshtein {best.dev_lev_greedy:.3f}, PER {best.dev_per:.1%} "
+                     f"(best of {best.epochs} epochs); MLflow run {_training_run(root)}")
     ev = _read_json(root / "metrics/eval.json")
     if ev:
-        lines.append(f"evaluate   dev Levenshtein greedy {ev['dev_lev_greedy']:.3f}, beam({ev['beam_width']}) "
-                     f"{ev['dev_lev_beam']:.3f}, PER {ev['dev_per']:.1%}")
+        lines.append(f"evaluate   {describe_eval(ev)}")
     sub, sub_metrics = root / "submission/submission.csv", _read_json(root / "metrics/submit.json")
     if sub.is_file() and sub_metrics:
-        scored = (f"; test Levenshtein {sub_metrics['test_lev_beam']:.3f}, PER {sub_metrics['test_per']:.1%}"
-                  if "test_lev_beam" in sub_metrics else "")
-        lines.append(f"submission {sub.relative_to(root)} ({sub_metrics['rows']} rows){scored}")
+        lines.append(f"submission {sub.relative_to(root)} ({sub_metrics['rows']} rows){describe_test(sub_metrics)}")
     lines.append(f"total      {total:.1f} s")
     return "\n".join(lines)
 

@@ -7,17 +7,53 @@ probabilities, blank first, and returns a string, so labels travel as one charac
 holds the GIL, so `workers > 1` parallelises across utterances with processes.
 
 Decoders share one interface — `decode(log_probs [B, T, C], lengths [B]) -> list[list[int]]` —
-so another backend (ctcdecode, flashlight-text with a phoneme LM) can be added beside these.
+and a registry: `register_decoder(name)` on a function that takes the decode params and returns a
+context manager giving such a callable (a pool, a loaded LM, … is closed after use). The evaluate
+stage scores every registered decoder; another backend (ctcdecode, flashlight-text with a phoneme
+LM) is one module in src/ctclab/decoders.
 """
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .config import DecodeConfig
+from .errors import CtclabError
 from .labels import BLANK, NUM_CLASSES
+
+DecodeFn = Callable[[torch.Tensor, torch.Tensor], list[list[int]]]
+
+
+@dataclass(frozen=True)
+class Decoder:
+    name: str
+    open: Callable[[DecodeConfig], AbstractContextManager[DecodeFn]]
+
+
+_DECODERS: dict[str, Decoder] = {}
+
+
+def register_decoder(name: str):
+    """Decorator: `open(cfg: DecodeConfig)` gives a context manager whose value decodes a batch.
+    Its scores are dev_lev_<name> and dev_per_<name> (ctclab.results)."""
+    def add(open_fn: Callable[[DecodeConfig], AbstractContextManager[DecodeFn]]):
+        known = _DECODERS.get(name)
+        if known is not None and (known.open.__module__, known.open.__qualname__) != (open_fn.__module__, open_fn.__qualname__):
+            raise CtclabError(f"decoder {name!r}: registered twice ({known.open.__module__} and {open_fn.__module__})")
+        _DECODERS[name] = Decoder(name, open_fn)
+        return open_fn
+    return add
+
+
+def registered() -> dict[str, Decoder]:
+    """The decoders registered so far (ctclab.decoders.available() also imports the user's)."""
+    return dict(_DECODERS)
 
 # Private-use code points: one character per class, blank first, never clashing with anything.
 _ALPHABET = [chr(0xE000 + i) for i in range(NUM_CLASSES)]
@@ -63,6 +99,8 @@ class BeamDecoder:
             return [_beam_one(j) for j in jobs]
         return list(self._pool.map(_beam_one, jobs, chunksize=max(1, len(jobs) // (4 * self.workers))))
 
+    __call__ = decode
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -72,3 +110,13 @@ class BeamDecoder:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@register_decoder("greedy")
+def _open_greedy(cfg: DecodeConfig) -> AbstractContextManager[DecodeFn]:
+    return nullcontext(greedy)
+
+
+@register_decoder("beam")
+def _open_beam(cfg: DecodeConfig) -> AbstractContextManager[DecodeFn]:
+    return BeamDecoder(cfg.beam_width, cfg.workers)

@@ -1,5 +1,5 @@
-"""The evaluate stage's library side: decode dev with the best checkpoint (greedy and beam), score
-it, write metrics/eval.json, and log scores, decode speed and the worst utterances into the
+"""The evaluate stage's library side: decode dev with the best checkpoint and every registered
+decoder (greedy, beam, and any in src/ctclab/decoders), score it, write metrics/eval.json, and log scores, decode speed and the worst utterances into the
 training's MLflow run. Inside a study that run is the variant × seed's child run; when DVC's run
 cache handed over another variant's trained model, a child run of its own is made for this variant.
 
@@ -12,9 +12,11 @@ from pathlib import Path
 from . import storage, tracking
 from .config import DecodeConfig, StudyConfig
 from .data import Shard
+from .decoders import available
 from .inference import decode_split
 from .labels import PHONEMES
 from .metrics import distances, score
+from .results import EVAL, SUBMIT_DECODER, decode_speed, eval_scores
 
 
 def _phonemes(seq: list[int]) -> str:
@@ -34,18 +36,16 @@ def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", 
     data_dir, models_dir, metrics_dir = Path(data_dir), Path(models_dir), Path(metrics_dir)
     dev = Shard(data_dir / "dev")
     refs = dev.references()
-    _, hyps, seconds = decode_split(models_dir / "best.pt", dev, cfg.beam_width, cfg.workers, with_greedy=True)
-    g, b = score(hyps["greedy"], refs), score(hyps["beam"], refs)
-    result = {"dev_lev_greedy": round(g.mean_distance, 6), "dev_lev_beam": round(b.mean_distance, 6),
-              "dev_per": round(b.per, 6), "dev_per_greedy": round(g.per, 6), "beam_width": cfg.beam_width}
+    decoders = list(available())
+    _, hyps, seconds = decode_split(models_dir / "best.pt", dev, cfg, decoders)
+    result = eval_scores({d: score(hyps[d], refs) for d in decoders}, cfg.beam_width)
     storage.write_json(metrics_dir / "eval.json", result)
     if not log:
         return result
     run_id = tracking.checkpoint_run(tracking_uri, Path(root), models_dir / "best.pt")
-    table = {f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv": worst_utterances(dev, hyps["beam"], refs)}
-    speed = {"decode_greedy_utterances_per_second": len(dev) / max(seconds["greedy"], 1e-9),
-             "decode_beam_utterances_per_second": len(dev) / max(seconds["beam"], 1e-9)}
-    scores = {**{f"eval_{k}": v for k, v in result.items()}, **speed}
+    table = {f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv": worst_utterances(dev, hyps[SUBMIT_DECODER], refs)}
+    speed = {decode_speed(d): len(dev) / max(seconds[d], 1e-9) for d in decoders}
+    scores = {**{EVAL + k: v for k, v in result.items()}, **speed}
     decode_tags = {"decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers}
     labels = {"study": study.name, "variant": study.variant, "seed": str(seed)} if study is not None and study.name else {}
     if labels and not tracking.is_study_child(run_id, study.parent_run_id, labels):

@@ -5,6 +5,7 @@ evaluate, submit and the benchmarks; it knows nothing of optimisers or tracking.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from torch import nn
 from . import models
 from .batching import collate, ctc_min_frames
 from .data import Shard
-from .decode import BeamDecoder, greedy
+from .config import DecodeConfig
+from .decode import greedy, registered
 from .errors import CtclabError
+from .results import EPOCH_DECODER
 
 
 def select_device(choice: str) -> torch.device:
@@ -60,7 +63,7 @@ def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, d
     but left out of the loss), and each decoder's hypotheses for every utterance (in shard
     order). Returns (loss, {decoder name: hypotheses}, {decoder name: seconds})."""
     model.eval()
-    decoders = decoders or {"greedy": greedy}
+    decoders = decoders or {EPOCH_DECODER: greedy}
     ctc = nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
     dtype = amp_dtype(device, amp)
     order = np.argsort(shard.frames(), kind="stable")
@@ -84,15 +87,15 @@ def evaluate_split(model, shard: Shard, batch_size: int, device: torch.device, d
     return total_loss / max(1, total_utts), ordered, seconds
 
 
-def decode_split(checkpoint_path: Path, shard: Shard, beam_width: int, workers: int, with_greedy: bool):
-    """Best checkpoint over a split with beam search (and greedy): (loss, hypotheses, seconds)."""
+def decode_split(checkpoint_path: Path, shard: Shard, cfg: DecodeConfig, decoders: list[str]):
+    """A checkpoint over a split with these registered decoders: (loss, hypotheses, seconds)."""
     device = select_device("auto")
-    return decode_shard(load_model(checkpoint_path, device), shard, beam_width, workers, with_greedy, device)
+    return decode_shard(load_model(checkpoint_path, device), shard, cfg, decoders, device)
 
 
-def decode_shard(model, shard: Shard, beam_width: int, workers: int, with_greedy: bool,
-                 device: torch.device | None = None):
+def decode_shard(model, shard: Shard, cfg: DecodeConfig, decoders: list[str], device: torch.device | None = None):
     device = device or select_device("auto")
-    with BeamDecoder(beam_width, workers) as beam:
-        decoders = {"greedy": greedy, "beam": beam.decode} if with_greedy else {"beam": beam.decode}
-        return evaluate_split(model.to(device).eval(), shard, 64, device, decoders)
+    known = registered()
+    with ExitStack() as opened:
+        fns = {name: opened.enter_context(known[name].open(cfg)) for name in decoders}
+        return evaluate_split(model.to(device).eval(), shard, 64, device, fns)

@@ -23,13 +23,9 @@ backward through packed sequences is far slower; both paths use the same weights
 """
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 import re
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -39,6 +35,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from .config import ArchConfig, ModelSection, one_line
 from .errors import CtclabError
 from .labels import NUM_CLASSES
+from .plugins import import_all
 
 # Version of what checkpoints record of a model (`CTCModel.spec`); 1 had no number (see legacy_spec).
 SPEC_VERSION = 2
@@ -231,16 +228,7 @@ def architectures() -> dict[str, Arch]:
     use, a user's new file included. A module that cannot be imported is named in one line."""
     from . import archs
 
-    for info in pkgutil.iter_modules(archs.__path__):
-        name = f"{archs.__name__}.{info.name}"
-        if name in sys.modules:
-            continue
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001  (a user's module: any error is theirs to see in one line)
-            sys.modules.pop(name, None)
-            raise CtclabError(f"{Path(info.module_finder.path) / info.name}.py: cannot be imported "
-                              f"({type(err).__name__}: {err})") from None
+    import_all(archs)
     return dict(sorted(_REGISTRY.items()))
 
 

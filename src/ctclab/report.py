@@ -17,6 +17,7 @@ from scipy import stats
 
 from . import storage, tracking
 from .errors import CtclabError
+from .results import SELECT_BY, SUBMIT_DECODER, TRAIN_SECONDS, decode_speed
 from .studies import Study, Variant, finished, parent_run, score
 
 ALPHA = 0.05
@@ -164,8 +165,8 @@ def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison
         p = f"{c.p:.3f} ({c.p_holm:.3f})" if c.p is not None else "–"
         word = c.verdict()
     first = rs[sorted(rs)[0]]
-    train_s = mean_std([r.metrics.get("train_seconds", math.nan) for r in rs.values()])[0]
-    decode = mean_std([r.metrics.get("decode_beam_utterances_per_second", math.nan) for r in rs.values()])[0]
+    train_s = mean_std([r.metrics.get(TRAIN_SECONDS, math.nan) for r in rs.values()])[0]
+    decode = mean_std([r.metrics.get(decode_speed(SUBMIT_DECODER), math.nan) for r in rs.values()])[0]
     ids = ", ".join(f"`{rs[s].run_id[:8]}`" for s in sorted(rs))
     return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {p} | {word} | "
             f"{first.params.get('parameter_count', first.tags.get('parameter_count', '?'))} | "
@@ -222,8 +223,9 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
 
 
 def _curve(run: tracking.RunRecord) -> list[tuple[int, float]]:
-    """Per-epoch dev greedy distance of a child run (epochs count from 1)."""
-    key = "epoch/dev_lev_greedy" if "epoch/dev_lev_greedy" in run.metrics else "dev_lev_greedy"
+    """Per-epoch dev greedy distance of a child run (epochs count from 1; runs from before the
+    curves took the row's names logged them under epoch/)."""
+    key = f"epoch/{SELECT_BY}" if f"epoch/{SELECT_BY}" in run.metrics else SELECT_BY
     return [(step, value) for step, value in tracking.metric_history(run.run_id, key) if step >= 1]
 
 

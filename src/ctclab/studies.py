@@ -7,7 +7,7 @@ A study file:
 
     name: kaiming
     question: Does Kaiming init of conv/linear weights lower the dev distance?
-    metric: dev_lev_beam          # a key of metrics/eval.json; lower is better
+    metric: dev_lev_beam          # a score of metrics/eval.json (dev_lev_<decoder> or dev_per_<decoder>); lower is better
     base: {train.epochs: 15}      # overrides for every variant
     variants:
       - {name: on, baseline: true, params: {model.kaiming: true}}
@@ -29,19 +29,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import config, models, tracking
+from .decoders import available
 from .errors import CtclabError
+from .results import DEV, EVAL, SUBMIT_DECODER, eval_metrics, lev, recorded
 from .project import tool_env
 
 # How long the runner waits with experiments pending and no queue worker alive before it stops.
 WORKERLESS_SECONDS = 30
 
-Metric = Literal["dev_lev_beam", "dev_lev_greedy", "dev_per", "dev_per_greedy"]
 
 
 class _Strict(BaseModel):
@@ -62,12 +63,19 @@ class Smoke(_Strict):
 class Study(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
     question: Annotated[str, Field(min_length=1)]
-    metric: Metric = "dev_lev_beam"
+    metric: str = lev(DEV, SUBMIT_DECODER)  # a score of metrics/eval.json (lower is better)
     base: dict[str, Any] = {}
     variants: Annotated[list[Variant], Field(min_length=1)]
     seeds: Annotated[list[int], Field(min_length=1)]
     smoke: Smoke = Smoke()
     path: str = ""
+
+    @model_validator(mode="after")
+    def _a_score_evaluate_writes(self):
+        scores = eval_metrics(available())
+        if self.metric not in scores:
+            raise config.rule_error("metric", self.metric, f"one of {', '.join(scores)} (metrics/eval.json's scores)")
+        return self
 
     @model_validator(mode="after")
     def _one_baseline_unique_names(self):
@@ -167,9 +175,9 @@ def parent_run(study: Study, smoke: bool, root: Path, create: bool = True) -> tr
 
 
 def score(child: tracking.RunRecord, metric: str) -> float | None:
-    """A child run's final value of `metric` (`eval_<metric>`; bare `<metric>` in runs recorded
-    before study children logged like every other run)."""
-    return child.metrics.get(f"eval_{metric}", child.metrics.get(metric))
+    """A child run's final value of `metric` as evaluate logged it (`eval_<metric>`; older runs'
+    names are read by results.recorded)."""
+    return recorded(child.metrics, metric, EVAL)
 
 
 def finished(child: tracking.RunRecord, metric: str) -> bool:

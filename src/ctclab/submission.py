@@ -22,6 +22,7 @@ from .errors import CtclabError
 from .inference import decode_shard, decode_split
 from .labels import CHAR_MAPS
 from .metrics import score
+from .results import SUBMIT_DECODER, submit_scores
 
 SUBMISSION_HEADERS = {"spring2022": ("id", "predictions"), "fall2022": ("index", "label")}
 
@@ -53,8 +54,9 @@ def predict(recognizer, folder: str | Path, beam_width: int, workers: int, fmt: 
         mfcc_dir, order, layout_fmt = layout.splits["test"].mfcc_dir, layout.test_order, layout.submission_format
     with tempfile.TemporaryDirectory(prefix="ctclab-predict-") as tmp:
         shard = shard_folder(mfcc_dir, order, Path(tmp), recognizer.normalize, recognizer.stats())
-        _, hyps, _ = decode_shard(recognizer.model, shard, beam_width, workers, with_greedy=False)
-    return submission_csv(hyps["beam"], fmt or layout_fmt)
+        cfg = DecodeConfig(beam_width=beam_width, workers=workers)
+        _, hyps, _ = decode_shard(recognizer.model, shard, cfg, [SUBMIT_DECODER])
+    return submission_csv(hyps[SUBMIT_DECODER], fmt or layout_fmt)
 
 
 def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/processed", models_dir="models",
@@ -63,18 +65,17 @@ def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/pro
     data_dir, models_dir, out_path = Path(data_dir), Path(models_dir), Path(out_path)
     meta = json.loads((data_dir / "meta.json").read_text())
     test = Shard(data_dir / "test")
-    _, hyps, _ = decode_split(models_dir / "best.pt", test, cfg.beam_width, cfg.workers, with_greedy=False)
-    write_submission(out_path, hyps["beam"], meta["submission_format"])
+    _, hyps, _ = decode_split(models_dir / "best.pt", test, cfg, [SUBMIT_DECODER])
+    write_submission(out_path, hyps[SUBMIT_DECODER], meta["submission_format"])
     result = {"rows": len(test), "format": meta["submission_format"], "beam_width": cfg.beam_width}
-    if meta["labelled"]["test"]:  # the embedded corpus has test transcripts: score them too
-        s = score(hyps["beam"], test.references())
-        result.update(test_lev_beam=round(s.mean_distance, 6), test_per=round(s.per, 6))
-    storage.write_json(Path(metrics_dir) / "submit.json", result)
+    # the embedded corpus has test transcripts: score them too
+    scores = submit_scores(score(hyps[SUBMIT_DECODER], test.references())) if meta["labelled"]["test"] else {}
+    storage.write_json(Path(metrics_dir) / "submit.json", {**result, **scores})
     run_id = tracking.checkpoint_run(tracking_uri, Path(root), models_dir / "best.pt")
     with tracking.continue_run(run_id) as run:
         run.log_artifact(out_path, "submission")
-        if "test_lev_beam" in result:
-            run.log_metrics({"test_lev_beam": result["test_lev_beam"], "test_per": result["test_per"]})
+        if scores:
+            run.log_metrics(scores)
         if upload:
             try:
                 kaggle.submit(out_path, f"ctclab MLflow run {run_id}", competition, kaggle_api)
@@ -83,4 +84,4 @@ def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/pro
                 raise CtclabError(f"{err} (the submission is kept at {out_path})") from None
             run.set_tags({"kaggle_upload": f"submitted to {competition}"})
             print(f"submit: uploaded {out_path} to {competition}", file=sys.stderr)
-    return result
+    return {**result, **scores}

@@ -31,6 +31,7 @@ import numpy as np
 from . import storage
 from .errors import CtclabError
 from .project import real_root
+from .results import CURVES, EPOCH_SECONDS, TRAIN_SECONDS
 
 # Read once: mlflow.set_tracking_uri() itself exports MLFLOW_TRACKING_URI, so a later read would
 # see our own last choice instead of the user's.
@@ -358,8 +359,6 @@ def log_parent_artifacts(parent: ParentRun, paths: list[Path], folder: str) -> N
         client.log_artifact(parent.run_id, str(p), folder)
 
 
-# Learning curves copied into a child run that shares another variant's training run.
-CURVES = ("train_loss", "dev_loss", "dev_lev_greedy", "dev_per", "lr", "epoch_seconds")
 
 
 def logged_model_id(run_id: str) -> str | None:
@@ -373,7 +372,7 @@ def _model_id(run) -> str | None:
 
 
 def train_seconds(run_id: str) -> float:
-    return sum(v for _, v in metric_history(run_id, "epoch_seconds"))
+    return sum(v for _, v in metric_history(run_id, EPOCH_SECONDS))
 
 
 def is_study_child(run_id: str, parent_run_id: str, labels: dict) -> bool:
@@ -399,11 +398,11 @@ def log_study_child(training_run_id: str, parent_run_id: str, labels: dict, extr
     params = {**training.data.params, **extra_params}
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
     history = []
-    for key in CURVES:
+    for key in CURVES:  # the learning curves, copied
         history += [mlflow.entities.Metric(key, m.value, m.timestamp, m.step)
                     for m in client.get_metric_history(training_run_id, key)]
     now = int(time.time() * 1000)
-    final = {**metrics, "train_seconds": train_seconds(training_run_id)}
+    final = {**metrics, TRAIN_SECONDS: train_seconds(training_run_id)}
     history += [mlflow.entities.Metric(k, float(v), now, 0) for k, v in final.items()]
     for start in range(0, len(history), 900):  # the REST API takes at most 1000 metrics a call
         client.log_batch(run_id, metrics=history[start:start + 900])

@@ -18,7 +18,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from .data import Shard
 from .errors import CtclabError
 from .inference import amp_dtype, device_name, evaluate_split, load_model, select_device
 from .metrics import score
+from .results import EPOCH_DECODER, HISTORY_COLUMNS, TIMING, EpochRow, TrainSummary
 
 TRACKED_SECTIONS = ("data", "features", "model", "train", "tracking")
 # On CUDA, reading a value back waits for the GPU: loss and finiteness are read every this many steps.
@@ -272,28 +273,24 @@ def train_epoch(model, train_set: Shard, batches, optimizer, scheduler, scaler, 
     return totals[0] / totals[1], totals[1]
 
 
-def summarize(history: list[dict], parameters: int, infeasible: dict) -> dict:
+def summarize(history: list[dict], parameters: int, infeasible: dict) -> TrainSummary:
     """metrics/train.json: the best epoch's dev scores and what the training was."""
-    best = min(history, key=lambda r: r["dev_lev_greedy"])
-    return {"epochs": len(history), "best_epoch": best["epoch"], "dev_lev_greedy": best["dev_lev_greedy"],
-            "dev_per": best["dev_per"], "dev_loss": best["dev_loss"], "final_train_loss": history[-1]["train_loss"],
-            "parameters": parameters, "infeasible_train": infeasible["train"], "infeasible_dev": infeasible["dev"]}
+    return TrainSummary.of([EpochRow(**r) for r in history], parameters, infeasible)
 
 
-def write_outputs(history: list[dict], summary: dict, run: tracking.RunLog, out_dir: Path, metrics_dir: Path,
+def write_outputs(history: list[dict], summary: TrainSummary, run: tracking.RunLog, out_dir: Path, metrics_dir: Path,
                   meta: dict) -> None:
-    storage.write_json(metrics_dir / "train.json", summary)
-    storage.write_text(metrics_dir / "train_history.csv",
-                       ",".join(history[0]) + "\n" + "".join(",".join(str(r[k]) for k in r) + "\n" for r in history))
+    storage.write_json(metrics_dir / "train.json", asdict(summary))
+    storage.write_text(metrics_dir / "train_history.csv", ",".join(HISTORY_COLUMNS) + "\n" + "".join(
+        ",".join(str(r[k]) for k in HISTORY_COLUMNS) + "\n" for r in history))
     # evaluate and submit find this run by the checkpoint's bytes (no run id in DVC's outs)
     run.set_tags({"checkpoint_sha256": storage.sha256_file(out_dir / "best.pt")})
-    run.log_metrics({"best_dev_lev_greedy": summary["dev_lev_greedy"], "best_epoch": summary["best_epoch"],
-                     "train_seconds": tracking.train_seconds(run.run_id)})
+    run.log_metrics(summary.tracked(tracking.train_seconds(run.run_id)))
     run.log_artifact(out_dir / "best.pt", "checkpoints")
     run.log_artifact(out_dir / "last.pt", "checkpoints")
     best = load_model(out_dir / "best.pt")
     recognizer = models.Recognizer(best, meta["normalize"], meta["global_stats"])
-    run.log_model(recognizer, {"features": {"normalize": meta["normalize"]}, "best_epoch": summary["best_epoch"],
+    run.log_model(recognizer, {"features": {"normalize": meta["normalize"]}, "best_epoch": summary.best_epoch,
                                "data_hash": meta["data_hash"], "submission_format": meta["submission_format"]},
                   best.input_dim, best.num_classes)
 
@@ -357,26 +354,25 @@ def run_epoch(t: Training, epoch: int, run: tracking.RunLog | None, stop: StopSi
     train_seconds = time.perf_counter() - t0
     if group.main:
         dev_loss, hyps, _ = evaluate_split(t.model, t.dev_set, 2 * cfg.batch_size, t.device, amp=cfg.amp)
-        s = score(hyps["greedy"], t.dev_refs)
+        s = score(hyps[EPOCH_DECODER], t.dev_refs)
         dev = (dev_loss, s.mean_distance, s.per)
     # rank 0's scores on every rank: the plateau scheduler and "best" must not drift apart
     dev_loss, distance, per = group.broadcast(dev if group.main else None)
     if cfg.scheduler == "plateau":
         t.scheduler.step(distance)
-    row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "dev_loss": round(dev_loss, 6),
-           "dev_lev_greedy": round(distance, 6), "dev_per": round(per, 6),
-           "lr": t.optimizer.param_groups[0]["lr"]}
-    timing = {"epoch_seconds": time.perf_counter() - t0, "utterances_per_second": seen / train_seconds}
+    row = EpochRow(epoch + 1, round(train_loss, 6), round(dev_loss, 6), round(distance, 6), round(per, 6),
+                   t.optimizer.param_groups[0]["lr"])
+    timing = dict(zip(TIMING, (time.perf_counter() - t0, seen / train_seconds)))
     improved = distance < state.best
     state.epoch, state.best, state.batch, state.loss_sum, state.seen = epoch + 1, min(state.best, distance), 0, 0.0, 0
-    state.history.append(row)
+    state.history.append(asdict(row))
     ckpt = t.checkpoint()  # serialised below, after run.send has taken what it sent out of state.unsent
     if not group.main:
         return
-    state.unsent.append(({**{k: v for k, v in row.items() if k != "epoch"}, **timing}, epoch + 1))
+    state.unsent.append(({**row.values(), **timing}, epoch + 1))
     run.send(state.unsent)  # a lost tracking server must not stop the training
-    print(f"{desc}: train loss {row['train_loss']:.3f}, dev loss {dev_loss:.3f}, dev greedy distance "
-          f"{distance:.3f}, PER {per:.1%} ({timing['epoch_seconds']:.0f} s)", file=sys.stderr)
+    print(f"{desc}: train loss {row.train_loss:.3f}, dev loss {dev_loss:.3f}, dev greedy distance "
+          f"{distance:.3f}, PER {per:.1%} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     checkpoint.write_epoch(ckpt, t.out_dir, t.resume_path, improved, run.run_id)
 
 
@@ -421,7 +417,7 @@ def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Tr
 
 
 def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str | Path = "models",
-          metrics_dir: str | Path = "metrics", root: str | Path = ".", progress: bool = True) -> dict:
+          metrics_dir: str | Path = "metrics", root: str | Path = ".", progress: bool = True) -> tuple[TrainSummary, str]:
     """Train (resuming an interrupted run with the same params); rank 0's summary and MLflow run id.
     Under DDP every rank calls this; rank 0 logs and writes, the others `follow`."""
     data_dir, out_dir, metrics_dir, root = Path(data_dir), Path(out_dir), Path(metrics_dir), Path(root)
@@ -434,17 +430,17 @@ def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str 
         t.group.close()
 
 
-def follow(t: Training, infeasible: dict) -> dict:
+def follow(t: Training, infeasible: dict) -> tuple[TrainSummary, str]:
     """A DDP rank other than 0: the same epochs on its shares, nothing logged or written."""
     t.state.run_id = t.group.broadcast(None)
     with StopSignals() as stop:
         for epoch in range(t.state.epoch, t.cfg.epochs):
             run_epoch(t, epoch, None, stop, progress=False)
-    return {**summarize(t.state.history, models.parameter_count(t.model), infeasible), "mlflow_run_id": t.state.run_id}
+    return summarize(t.state.history, models.parameter_count(t.model), infeasible), t.state.run_id
 
 
 def lead(t: Training, params: Params, meta: dict, infeasible: dict, data_dir: Path, out_dir: Path,
-         metrics_dir: Path, root: Path, progress: bool) -> dict:
+         metrics_dir: Path, root: Path, progress: bool) -> tuple[TrainSummary, str]:
     """Rank 0 (the only process without DDP): the training, its MLflow run and its files."""
     device, state = t.device, t.state
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
@@ -477,4 +473,4 @@ def lead(t: Training, params: Params, meta: dict, infeasible: dict, data_dir: Pa
                               f"be reached ({type(error).__name__}); {t.resume_path} keeps the training and its unsent "
                               "metrics: run `dvc repro` again once the store answers to log them")
     checkpoint.clear(t.resume_path)
-    return {**summary, "mlflow_run_id": state.run_id}
+    return summary, state.run_id

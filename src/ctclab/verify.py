@@ -26,12 +26,12 @@ import yaml
 
 from . import tracking
 from .errors import CtclabError
+from .results import BEST, DEV, EVAL, VERIFIED_CURVES
 from .project import tool_env
 
 # Relative tolerance for scores re-executed on other hardware.
 TOLERANCE = 0.10
-SCORES = ("best_dev_lev_greedy", "eval_dev_lev_greedy", "eval_dev_lev_beam", "eval_dev_per", "eval_dev_per_greedy")
-CURVES = ("train_loss", "dev_lev_greedy")
+CURVES = VERIFIED_CURVES
 HARDWARE = ("cpu_model", "device", "device_name", "torch_version", "torch_threads")
 
 
@@ -88,7 +88,7 @@ def compare(recorded, recorded_curves: dict, again, again_curves: dict) -> Outco
     if same:
         a, b = recorded.tags.get("checkpoint_sha256", "?"), again.tags.get("checkpoint_sha256", "?")
         rows.append(("checkpoint sha256", a[:16], b[:16], a == b))
-    for key in SCORES:
+    for key in scores(recorded.metrics):
         a, b = recorded.metrics.get(key), again.metrics.get(key)
         ok = a is not None and b is not None and (a == b if same else abs(a - b) <= TOLERANCE * max(abs(a), 1e-9))
         rows.append((key, _fmt(a), _fmt(b), ok))
@@ -96,6 +96,12 @@ def compare(recorded, recorded_curves: dict, again, again_curves: dict) -> Outco
         a, b = recorded_curves.get(key, []), again_curves.get(key, [])
         rows.append((f"{key} per epoch ({len(a)})", _fmt(a[-1] if a else None), _fmt(b[-1] if b else None), a == b))
     return Outcome(rows, same, note)
+
+
+def scores(metrics: dict) -> list[str]:
+    """The recorded run's scores: its best epoch's, and each decoder's from evaluate (whatever
+    decoders and names the recorded commit had: it is that commit that runs again)."""
+    return [BEST, *sorted(k for k in metrics if k.startswith(EVAL + DEV + "_"))]
 
 
 def package_changes(recorded: str, again: str) -> list[str]:

@@ -1,0 +1,25 @@
+"""Folders of plug-ins: a package whose modules register themselves when imported (architectures
+in ctclab.archs, decoders in ctclab.decoders). Importing them all is what finds a user's new file."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from .errors import CtclabError
+
+
+def import_all(package: ModuleType) -> None:
+    """Import every module of `package` not yet imported; one that fails is named in one line."""
+    for info in pkgutil.iter_modules(package.__path__):
+        name = f"{package.__name__}.{info.name}"
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001  (a user's module: any error is theirs to see, in one line)
+            sys.modules.pop(name, None)
+            raise CtclabError(f"{Path(info.module_finder.path) / info.name}.py: cannot be imported "
+                              f"({type(err).__name__}: {err})") from None
