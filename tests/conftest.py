@@ -86,3 +86,34 @@ def zip_folder(folder: Path, zip_path: Path) -> Path:
         for p in sorted(folder.rglob("*")):
             z.write(p, p.relative_to(folder))
     return zip_path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing a test started outlives the session: an `mlflow server` left running (with its job
+    consumers, ~2 GB) steals a 2-core machine's CPU from whatever runs next. Survivors are named,
+    killed, and fail the session."""
+    import psutil
+
+    survivors = [p for p in psutil.Process().children(recursive=True) if _not_ours_to_keep(p)]
+    if not survivors:
+        return
+    names = []
+    for p in survivors:
+        try:
+            names.append(f"{p.pid} {' '.join(p.cmdline()[:4])}")
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if names:
+        print("\nprocesses a test left running (killed now):\n  " + "\n  ".join(names))
+        session.exitstatus = 1
+
+
+def _not_ours_to_keep(p) -> bool:
+    """multiprocessing's resource tracker lives as long as this interpreter by design."""
+    import psutil
+
+    try:
+        return "multiprocessing.resource_tracker" not in " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return False

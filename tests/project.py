@@ -143,6 +143,8 @@ class MlflowServer:
 
         import requests
 
+        assert self.process is None or self.process.poll() is not None, "this server is running already"
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--workers", "1",

@@ -309,7 +309,7 @@ def test_a_tracking_server_lost_mid_training_loses_nothing(tmp_path, processed):
     assert last.startswith("ctclab: error: train: finished all 3 epochs, but the tracking store") and "run `dvc repro` again" in last
     assert (project / "models/best.pt").is_file() and list((project / RESUME_DIR).glob("*.pt"))
 
-    with server.start():
+    with server:
         stage(project, "train", env=fast_failing)
         client = mlflow.MlflowClient(uri)
         [run] = client.search_runs([client.get_experiment_by_name("ctclab").experiment_id])
