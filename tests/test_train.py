@@ -42,6 +42,7 @@ def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, a
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
     assert tags["data_hash"] == json.loads((project / "data/processed/meta.json").read_text())["data_hash"]
     assert {"mlflow.source.git.commit", "git_dirty", "cudnn_version", "cuda_version", "host"} <= set(tags)
+    assert tags["ctclab_schema"] == "2"
     hidden = run.data.params.get(f"model.{arch}.hidden")
     assert run.info.run_name == (f"{arch}-h{hidden}-s0" if hidden else f"{arch}-s0")
     meta = json.loads((project / "data/processed/meta.json").read_text())

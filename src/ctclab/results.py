@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+# The version of these names in MLflow runs (tag ctclab_schema). 2: params as params.yaml names
+# them with a `model.<arch>` section each, dev_per_<decoder> and test_per_beam. Untagged runs are 1.
+RUN_SCHEMA = 2
+
 DEV, TEST = "dev", "test"
 # The decoder that scores every epoch (and so picks models/best.pt) and the one submissions use.
 EPOCH_DECODER, SUBMIT_DECODER = "greedy", "beam"

@@ -31,7 +31,7 @@ import numpy as np
 from . import storage
 from .errors import CtclabError
 from .project import real_root
-from .results import CURVES, EPOCH_SECONDS, TRAIN_SECONDS
+from .results import CURVES, EPOCH_SECONDS, RUN_SCHEMA, TRAIN_SECONDS
 
 # Read once: mlflow.set_tracking_uri() itself exports MLFLOW_TRACKING_URI, so a later read would
 # see our own last choice instead of the user's.
@@ -138,6 +138,8 @@ def provenance_tags(root: Path, data_hash: str, device: str, device_name: str) -
         # trainings run side by side with this one (a study's -j): timings compare only at equal values
         "parallel_jobs": os.environ.get("CTCLAB_PARALLEL_JOBS", "1"),
         "host": platform.node(),
+        # which names the run's params and metrics have (ctclab.results; untagged runs are schema 1)
+        "ctclab_schema": str(RUN_SCHEMA),
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
