@@ -198,8 +198,9 @@ def test_a_new_architecture_is_one_file_and_runs_through_dvc(repro, tmp_path):
     project = tmp_path / "own"
     shutil.copytree(repro[0], project, symlinks=True)
     (project / "src/ctclab/archs/frame_mlp.py").write_text(USER_ARCH)
-    own_code = {"PYTHONPATH": str(project / "src")}  # this copy's ctclab, as in a user's own repository
-    out = run(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "model.arch=frame_mlp", env=own_code).stdout
+    # no PYTHONPATH: each stage imports the ctclab beside its script (pipeline/_environment.py), not the
+    # one the venv installed (the repository's), as a queued experiment runs its own commit's code
+    out = run(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "model.arch=frame_mlp").stdout
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'fetch'" not in out and "Running stage 'preprocess'" not in out
     ckpt = torch.load(project / "models/best.pt", weights_only=True)
@@ -236,7 +237,7 @@ def test_a_new_decoder_is_one_file_and_evaluate_scores_it(repro, tmp_path):
     shutil.copytree(repro[0], project, symlinks=True)
     run(project, sys.executable, "-m", "dvc", "repro")  # whatever earlier tests left changed
     (project / "src/ctclab/decoders/best_path.py").write_text(USER_DECODER)
-    out = run(project, sys.executable, "-m", "dvc", "repro", env={"PYTHONPATH": str(project / "src")}).stdout
+    out = run(project, sys.executable, "-m", "dvc", "repro").stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out and "Running stage 'submit'" not in out
     ev = json.loads((project / "metrics/eval.json").read_text())
     assert ev["dev_lev_best_path"] == ev["dev_lev_greedy"] and ev["dev_per_best_path"] == ev["dev_per_greedy"]
