@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .config import DecodeConfig
-from .errors import CtclabError
 from .labels import BLANK, NUM_CLASSES
+from .plugins import claim
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor], list[list[int]]]
 
@@ -36,24 +36,21 @@ class Decoder:
     open: Callable[[DecodeConfig], AbstractContextManager[DecodeFn]]
 
 
-_DECODERS: dict[str, Decoder] = {}
+_DECODERS: dict[str, tuple[Decoder, object]] = {}  # name → (decoder, the function that registered it)
 
 
 def register_decoder(name: str):
     """Decorator: `open(cfg: DecodeConfig)` gives a context manager whose value decodes a batch.
     Its scores are dev_lev_<name> and dev_per_<name> (ctclab.results)."""
     def add(open_fn: Callable[[DecodeConfig], AbstractContextManager[DecodeFn]]):
-        known = _DECODERS.get(name)
-        if known is not None and (known.open.__module__, known.open.__qualname__) != (open_fn.__module__, open_fn.__qualname__):
-            raise CtclabError(f"decoder {name!r}: registered twice ({known.open.__module__} and {open_fn.__module__})")
-        _DECODERS[name] = Decoder(name, open_fn)
+        claim(_DECODERS, name, Decoder(name, open_fn), open_fn, "decoder")
         return open_fn
     return add
 
 
 def registered() -> dict[str, Decoder]:
     """The decoders registered so far (ctclab.decoders.available() also imports the user's)."""
-    return dict(_DECODERS)
+    return {name: decoder for name, (decoder, _) in _DECODERS.items()}
 
 # Private-use code points: one character per class, blank first, never clashing with anything.
 _ALPHABET = [chr(0xE000 + i) for i in range(NUM_CLASSES)]

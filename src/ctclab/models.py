@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from .config import ArchConfig, ModelSection, one_line
 from .errors import CtclabError
 from .labels import NUM_CLASSES
-from .plugins import import_all
+from .plugins import claim, import_all
 
 # Version of what checkpoints record of a model (`CTCModel.spec`); 1 had no number (see legacy_spec).
 SPEC_VERSION = 2
@@ -201,7 +201,7 @@ class Arch:
     model: type[CTCModel]
 
 
-_REGISTRY: dict[str, Arch] = {}
+_REGISTRY: dict[str, tuple[Arch, type]] = {}  # name → (architecture, the class that registered it)
 
 
 def register(name: str, config: type[ArchConfig]):
@@ -212,13 +212,8 @@ def register(name: str, config: type[ArchConfig]):
                           f"{', '.join(ModelSection.model_fields)} (it names params.yaml's model.<name> section)")
 
     def add(cls: type[CTCModel]) -> type[CTCModel]:
-        known = _REGISTRY.get(name)
-        # the same class again (its module re-imported) replaces itself; another class is a clash
-        if known is not None and (known.model.__module__, known.model.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise CtclabError(f"model.arch {name!r}: registered twice ({known.model.__module__}.{known.model.__qualname__}"
-                              f" and {cls.__module__}.{cls.__qualname__}); rename one")
+        claim(_REGISTRY, name, Arch(name, config, cls), cls, "model.arch")
         cls.arch = name
-        _REGISTRY[name] = Arch(name, config, cls)
         return cls
     return add
 
@@ -229,7 +224,7 @@ def architectures() -> dict[str, Arch]:
     from . import archs
 
     import_all(archs)
-    return dict(sorted(_REGISTRY.items()))
+    return {name: arch for name, (arch, _) in sorted(_REGISTRY.items())}
 
 
 class Recognizer(nn.Module):

@@ -11,6 +11,17 @@ from types import ModuleType
 from .errors import CtclabError
 
 
+def claim(registry: dict, name: str, entry, made_by, what: str) -> None:
+    """registry[name] = entry, unless another class or function (`made_by`, compared by module and
+    qualified name: the same one re-imported replaces itself) holds the name already."""
+    def where(obj) -> str:
+        return f"{obj.__module__}.{obj.__qualname__}"
+    known = registry.get(name)
+    if known is not None and where(known[1]) != where(made_by):
+        raise CtclabError(f"{what} {name!r}: registered twice ({where(known[1])} and {where(made_by)}); rename one")
+    registry[name] = (entry, made_by)
+
+
 def import_all(package: ModuleType) -> None:
     """Import every module of `package` not yet imported; one that fails is named in one line."""
     for info in pkgutil.iter_modules(package.__path__):
