@@ -8,7 +8,8 @@
 # imports (pydantic, mlflow-skinny with a file store, Levenshtein, fast-ctc-decode) comes from the
 # wheels in .whl/, and the default corpus's shards from data/processed (both made by --prepare; carry
 # both). It runs the CUDA tests, bench/train_speed.py over 28,539 utterances shaped like
-# train-clean-100 at batch 64 and 256 (and 256 with stride 4), a profile of batch-64 steps, the
+# train-clean-100 at batch 64 and 256 (and 256 with stride 4; ctclab's own Trainer.epoch and DataLoader,
+# over a shard written once to /tmp/ctclab-bench-shards), a profile of batch-64 steps, the
 # LSTM in fp32 vs under autocast, compile vs eager, and the default train → evaluate stages on CUDA,
 # then appends one dated line per figure, with the card's name, to bench/RESULTS.md (and copies it,
 # with the logs, to $OUT when that is set).
@@ -61,13 +62,13 @@ record "CUDA tests (tests/test_cuda.py): $(grep -E '[0-9]+ (passed|failed)' "$OU
 # 2. training speed at train-clean-100 scale, batch 64 and 256
 for B in 64 256; do
     timeout 180 python3 bench/train_speed.py --device cuda --batch-size "$B" 2>&1 | tee "$OUT_DIR/train_speed_b$B.log" | tail -4
-    row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, fwd+bwd " $5 " s (other " $6 "), padding " $7 ", peak " $9 " GiB"}' "$OUT_DIR/train_speed_b$B.log")
-    record "bench/train_speed.py A3 (6.9 M) 28,539 synthetic-shape utt, batch $B, bf16: ${row:-FAILED (see log)}"
+    row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, in Trainer.step " $4 " s (other " $5 "), padding " $6 ", peak " $8 " GiB"}' "$OUT_DIR/train_speed_b$B.log")
+    record "bench/train_speed.py (ctclab's Trainer) A3 (6.9 M) 28,539 synthetic-shape utt, batch $B, bf16: ${row:-FAILED (see log)}"
 done
 # fewer steps instead of a larger batch: stride 4 halves the LSTM's sequential steps (a different model)
 timeout 120 python3 bench/train_speed.py --device cuda --batch-size 256 --stride 4 2>&1 \
     | tee "$OUT_DIR/train_speed_b256_stride4.log" | tail -2
-row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, fwd+bwd " $5 " s (other " $6 ")"}' "$OUT_DIR/train_speed_b256_stride4.log")
+row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, in Trainer.step " $4 " s (other " $5 ")"}' "$OUT_DIR/train_speed_b256_stride4.log")
 record "bench/train_speed.py A3 with model.stride 4, 28,539 synthetic-shape utt, batch 256, bf16: ${row:-FAILED (see log)}"
 # where a batch-64 step's time goes, and what running the LSTM under autocast would change (30 steps each)
 timeout 90 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 3 --profile 5 2>&1 \

@@ -1,13 +1,14 @@
-"""Loader benchmark: training throughput (real frames/s through forward + CTC loss + backward +
-grad clip + Adam step of the params.yaml model, A3 conv_lstm by default) with length-bucketed
+"""Loader benchmark: training throughput (real frames/s through ctclab's own `Trainer.step` —
+forward, CTC loss, backward, grad clip, optimizer and scheduler step of the params.yaml model and
+train section, A3 conv_lstm by default) with length-bucketed
 batches (ctclab.batching.bucket_batches) vs naive shuffled batches (a seeded permutation cut into
 batches of the same size, each padded to its longest utterance: the original homework's loader).
 Both pass over the same utterances once, each with its own copy of the same initial weights, on
 the CPU, their steps alternated (so a slow spell of a shared machine hits both); collate is inside
 the timing. Also prints the padding fraction (padded frames / frames in the padded tensors).
 
-The data is a synthetic shard (random 13-dim features, random labels 1..40, about frames/8.5 of
-them) written to a temp folder, with lengths drawn from a lognormal of mean ~1,270 frames (the
+The data is a synthetic shard (bench/synthetic.py: random 13-dim features, random labels 1..40,
+about frames/8.5 of them) written to a temp folder, with lengths drawn from a lognormal of mean ~1,270 frames (the
 mean of LibriSpeech train-clean-100) clipped to [150, 3300]; --sigma sets the spread (real
 train-clean-100 is narrower than the default: sigma ~0.3), and the gain grows with it.
 
@@ -17,7 +18,6 @@ train-clean-100 is narrower than the default: sigma ~0.3), and the gain grows wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -30,20 +30,9 @@ from ctclab import models
 from ctclab.batching import bucket_batches, collate
 from ctclab.config import load_params, with_overrides
 from ctclab.data import Shard
+from ctclab.trainer import Trainer
 
-
-def synthetic_shard(folder: Path, n: int, sigma: float, seed: int, mean: float = 1270, dim: int = 13) -> Shard:
-    """A shard in ctclab.data's file format, with a LibriSpeech-like length spread."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    frames = np.clip(rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, n), 150, 3300).astype(np.int64)
-    n_labels = np.maximum(1, (frames / 8.5).astype(np.int64))
-    np.save(folder / "features.npy", rng.standard_normal((int(frames.sum()), dim), dtype=np.float32))
-    np.save(folder / "frame_offsets.npy", np.concatenate([[0], np.cumsum(frames)]).astype(np.int64))
-    np.save(folder / "labels.npy", rng.integers(1, 41, int(n_labels.sum())).astype(np.int16))
-    np.save(folder / "label_offsets.npy", np.concatenate([[0], np.cumsum(n_labels)]).astype(np.int64))
-    (folder / "ids.json").write_text(json.dumps([f"utt{i:05d}" for i in range(n)]))
-    return Shard(folder)
+from synthetic import lognormal_lengths, write_shard  # bench/synthetic.py, next to this script
 
 
 def naive_batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -51,26 +40,21 @@ def naive_batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-class Trainer:
-    """One loader's model (from the shared initial weights) and optimizer, stepped batch by batch."""
+class Timed:
+    """One loader's ctclab Trainer (from the shared initial weights), stepped batch by batch, with
+    collate inside the timing."""
 
-    def __init__(self, params, input_dim: int, init_state: dict):
-        self.model = models.build(params.model, input_dim)
-        self.model.load_state_dict(init_state)
-        self.model.train()
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=params.train.lr)
-        self.ctc, self.clip = torch.nn.CTCLoss(blank=0), params.train.grad_clip
+    def __init__(self, params, input_dim: int, init_state: dict, steps_per_epoch: int):
+        model = models.build(params.model, input_dim)
+        model.load_state_dict(init_state)
+        model.train()
+        self.trainer = Trainer(model, params.train, torch.device("cpu"), steps_per_epoch)
         self.seconds, self.padded = 0.0, 0
 
     def step(self, shard: Shard, indices) -> None:
         t0 = time.perf_counter()
         batch = collate(shard, indices)
-        log_probs, out_lengths = self.model(batch.features, batch.lengths)
-        loss = self.ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
+        self.trainer.step(batch)
         self.seconds += time.perf_counter() - t0
         self.padded += batch.features.shape[0] * batch.features.shape[1]
 
@@ -89,17 +73,17 @@ def main() -> None:
         params = with_overrides(params, {f"model.{params.model.arch}.hidden": args.hidden})
 
     with tempfile.TemporaryDirectory() as tmp:
-        shard = synthetic_shard(Path(tmp), args.utterances, args.sigma, seed=0)
+        shard = write_shard(Path(tmp), lognormal_lengths(args.utterances, args.sigma, seed=0), seed=0)
         frames = shard.frames()
         init_state = models.build(params.model, shard.feature_dim).state_dict()
         loaders = {"naive shuffled": naive_batches(len(shard), args.batch_size, seed=0),
                    "bucketed": bucket_batches(frames, args.batch_size, seed=0, epoch=0)}
-        trainers = {name: Trainer(params, shard.feature_dim, init_state) for name in loaders}
+        trainers = {name: Timed(params, shard.feature_dim, init_state, len(b)) for name, b in loaders.items()}
         print(f"{params.model.arch} (hidden {params.model.active.hidden}, "
-              f"{models.parameter_count(trainers['bucketed'].model):,} parameters), {len(shard)} synthetic utterances, "
+              f"{models.parameter_count(trainers['bucketed'].trainer.model):,} parameters), {len(shard)} synthetic utterances, "
               f"frames mean {frames.mean():.0f} / min {frames.min()} / max {frames.max()}, batch {args.batch_size}, "
               f"{torch.get_num_threads()} CPU threads\n")
-        Trainer(params, shard.feature_dim, init_state).step(shard, np.argsort(frames)[-args.batch_size:])  # warm-up
+        Timed(params, shard.feature_dim, init_state, 1).step(shard, np.argsort(frames)[-args.batch_size:])  # warm-up
         torch.manual_seed(0)
         # Alternate the two loaders' steps, so a slow spell of the machine hits both alike, and swap
         # which goes first every step (going first is a few % slower).

@@ -1,8 +1,8 @@
-"""Tracking overhead benchmark: epoch time of a short training-like loop with MLflow tracking off
-vs on, into a sqlite store and into a local `mlflow server` (started by this script on 127.0.0.1,
-a free port, sqlite backend; always stopped). An epoch is --steps Adam steps of the params.yaml model
-(A3 conv_lstm) on length-bucketed batches of data/processed/train plus a dev evaluation (loss +
-greedy distance), then, when tracking is on, the per-epoch metrics dict that ctclab's training
+"""Tracking overhead benchmark: epoch time of a short training with MLflow tracking off vs on,
+into a sqlite store and into a local `mlflow server` (started by this script on 127.0.0.1, a free
+port, sqlite backend; always stopped). An epoch is --steps `Trainer.step`s (ctclab's own training
+step) of the params.yaml model (A3 conv_lstm) and train section on length-bucketed batches of
+data/processed/train plus a dev evaluation (loss + greedy distance), then, when tracking is on, the per-epoch metrics dict that ctclab's training
 logs, through ctclab.tracking (training_run(...).log_metrics). Synthetic shards stand in when
 data/processed is missing.
 
@@ -43,8 +43,10 @@ from ctclab.config import flatten, load_params
 from ctclab.data import Shard
 from ctclab.inference import device_name, evaluate_split
 from ctclab.metrics import score
+from ctclab.results import EPOCH_DECODER, TIMING, EpochRow
+from ctclab.trainer import Trainer
 
-from loader import synthetic_shard  # bench/loader.py, next to this script
+from synthetic import lognormal_lengths, write_shard  # bench/synthetic.py, next to this script
 
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"  # only ever talk to this machine
 os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # the "View run at" lines, at run end
@@ -105,42 +107,37 @@ def shards(tmp: Path) -> tuple[Shard, Shard, str, str]:
         meta = data / "meta.json"
         data_hash = json.loads(meta.read_text())["data_hash"] if meta.is_file() else "unknown"
         return Shard(data / "train"), Shard(data / "dev"), data_hash, "data/processed"
-    train = synthetic_shard(tmp / "train", 600, 0.3, seed=0, mean=300)
-    dev = synthetic_shard(tmp / "dev", 60, 0.3, seed=1, mean=300)
+    train = write_shard(tmp / "train", lognormal_lengths(600, 0.3, seed=0, mean=300), seed=0)
+    dev = write_shard(tmp / "dev", lognormal_lengths(60, 0.3, seed=1, mean=300), seed=1)
     return train, dev, "synthetic", "synthetic shards (data/processed missing)"
 
 
-class Trainer:
-    """A model from the shared initial weights and its optimizer; one epoch = --steps steps + dev eval."""
+class Bench:
+    """A model from the shared initial weights in ctclab's own Trainer; one epoch = --steps
+    `Trainer.step`s + a dev eval."""
 
     def __init__(self, params, train: Shard, dev: Shard, init_state: dict, steps: int):
         self.params, self.train, self.dev, self.steps = params, train, dev, steps
-        self.model = models.build(params.model, train.feature_dim)
-        self.model.load_state_dict(init_state)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=params.train.lr)
-        self.ctc, self.refs = torch.nn.CTCLoss(blank=0), dev.references()
+        model = models.build(params.model, train.feature_dim)
+        model.load_state_dict(init_state)
+        self.trainer, self.refs = Trainer(model, params.train, torch.device("cpu"), steps), dev.references()
 
     def epoch(self, epoch: int):
         """Yields after each step and after the dev eval; returns the metrics dict ctclab's training
         logs per epoch (its seconds are wall time, the other model's steps included)."""
-        t0, bs = time.perf_counter(), self.params.train.batch_size
-        self.model.train()
+        t0, bs, model = time.perf_counter(), self.params.train.batch_size, self.trainer.model
+        model.train()
+        loss_sum, seen = 0.0, 0
         for indices in bucket_batches(self.train.frames(), bs, self.params.train.seed, epoch)[:self.steps]:
-            batch = collate(self.train, indices)
-            log_probs, out_lengths = self.model(batch.features, batch.lengths)
-            loss = self.ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.train.grad_clip)
-            self.opt.step()
+            loss_sum, seen = loss_sum + self.trainer.step(collate(self.train, indices)).item(), seen + len(indices)
             yield
         train_seconds = time.perf_counter() - t0
-        dev_loss, hyps, _ = evaluate_split(self.model, self.dev, 2 * bs, torch.device("cpu"))
-        s = score(hyps["greedy"], self.refs)
+        dev_loss, hyps, _ = evaluate_split(model, self.dev, 2 * bs, torch.device("cpu"))
+        s = score(hyps[EPOCH_DECODER], self.refs)
         yield
-        return {"train_loss": loss.item(), "dev_loss": dev_loss, "dev_lev_greedy": s.mean_distance, "dev_per": s.per,
-                "lr": self.opt.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
-                "utterances_per_second": self.steps * bs / train_seconds}
+        row = EpochRow(epoch + 1, loss_sum / seen, dev_loss, s.mean_distance, s.per,
+                       self.trainer.optimizer.param_groups[0]["lr"])
+        return {**row.values(), **dict(zip(TIMING, (time.perf_counter() - t0, seen / train_seconds)))}
 
 
 def interleaved(epochs: dict) -> tuple[dict, dict]:
@@ -161,10 +158,10 @@ def interleaved(epochs: dict) -> tuple[dict, dict]:
 def compare(uri: str, params, train, dev, init_state, args, tmp: Path, data_hash: str) -> dict:
     """--epochs epochs with tracking off and on, inside one training run in store `uri`, the two
     models' steps alternated; seconds per epoch, per log call, and run start + end."""
-    off, on = (Trainer(params, train, dev, init_state, args.steps) for _ in range(2))
+    off, on = (Bench(params, train, dev, init_state, args.steps) for _ in range(2))
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("data", "features", "model", "train", "tracking")}
     tags = {**tracking.provenance_tags(tmp, data_hash, "cpu", device_name(torch.device("cpu"))),
-            "parameter_count": models.parameter_count(on.model)}
+            "parameter_count": models.parameter_count(on.trainer.model)}
     times = {"off": [], "on": [], "log": []}
     t0 = time.perf_counter()
     run = tracking.training_run(uri, "bench-tracking", tmp, None, logged, tags, "bench")
@@ -197,7 +194,7 @@ def main() -> None:
         init_state = models.build(params.model, train.feature_dim).state_dict()
         print(f"{params.model.arch} on {what}: epochs of {args.steps} steps of batch {params.train.batch_size} "
               f"+ dev eval ({len(dev)} utterances), {torch.get_num_threads()} CPU threads\n")
-        interleaved({"warm-up": Trainer(params, train, dev, init_state, steps=2).epoch(0)})
+        interleaved({"warm-up": Bench(params, train, dev, init_state, steps=2).epoch(0)})
         with mlflow_server(tmp) as server_url:
             results = {store: compare(uri, params, train, dev, init_state, args, tmp, data_hash)
                        for store, uri in (("sqlite", f"sqlite:///{tmp}/mlflow.db"), ("mlflow server", server_url))}

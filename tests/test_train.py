@@ -84,13 +84,13 @@ def test_bucketed_batches_are_reproducible_and_cover_everything():
 @pytest.mark.parametrize("scheduler", ["cosine", "none"])
 def test_warmup_ramps_the_lr_to_its_value_then_hands_over_to_the_scheduler(scheduler):
     from ctclab.config import load_params, with_overrides
-    from ctclab.train import make_scheduler
+    from ctclab.trainer import make_scheduler
 
     cfg = with_overrides(load_params(), {"train.epochs": 4, "train.warmup_epochs": 2, "train.scheduler": scheduler,
                                          "train.lr": 1e-3}).train
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched, lrs = make_scheduler(opt, cfg, steps_per_epoch=5), []
-    for _ in range(20):  # 4 epochs of 5 batches, stepped once a batch as train_epoch does
+    for _ in range(20):  # 4 epochs of 5 batches, stepped once a batch as Trainer.step does
         lrs.append(opt.param_groups[0]["lr"])
         opt.step(), sched.step()
     ramp, rest = np.array(lrs[:11]), np.array(lrs[10:])
@@ -221,20 +221,17 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line_before_training(tmp_p
 
 
 def test_micro_batches_accumulate_the_whole_batch_gradient(processed):
-    from torch import nn
-
     from ctclab import models
     from ctclab.batching import collate
     from ctclab.data import Shard
-    from ctclab.train import fitting_backward
-    from project import model_config
+    from ctclab.trainer import Trainer
+    from project import config, model_config
 
     torch.manual_seed(0)
     model = models.build(model_config(hidden=16, embed_dim=16), 13).eval()  # eval: no dropout, BatchNorm fixed
     batch = collate(Shard(processed / "train"), [0, 3, 5, 7, 9])
-    ctc, scaler = nn.CTCLoss(blank=0, reduction="mean"), torch.amp.GradScaler("cuda", enabled=False)
-    optimizer = torch.optim.Adam(model.parameters())
-    whole = fitting_backward(model, batch, ctc, scaler, None, "split", optimizer)
+    trainer = Trainer(model, config("train", oom="split", device="cpu"), torch.device("cpu"), steps_per_epoch=1)
+    whole = trainer.gradients(batch, per_rank=5)
     grads = [p.grad.clone() for p in model.parameters()]
 
     calls = []
@@ -246,10 +243,10 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(processed):
             raise torch.OutOfMemoryError("injected")
         return real_forward(self, x, lengths)
 
-    optimizer.zero_grad()
+    trainer.optimizer.zero_grad()
     models.FrontBodyHead.forward = small_memory
     try:
-        split = fitting_backward(model, batch, ctc, scaler, None, "split", optimizer)
+        split = trainer.gradients(batch, per_rank=5)
     finally:
         models.FrontBodyHead.forward = real_forward
     assert calls == [5, 3, 2, 2, 1]  # 5 fails, 3 fails, then micro-batches of ≤ 2

@@ -1,7 +1,9 @@
-"""Batches from a shard: which utterances CTC can align, length-bucketed seeded batch order, and
-padding into tensors. Shared by training and inference (pure: arrays in, tensors out)."""
+"""Batches from a shard: which utterances CTC can align, length-bucketed seeded batch order,
+padding into tensors, and SpecAugment on them. Shared by training and inference (pure: arrays in,
+tensors out)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,6 +71,25 @@ class Batch:
         return out
 
 
+def spec_augment(batch: Batch, cfg, gen: torch.Generator) -> Batch:
+    """SpecAugment (training only): zero random feature and time bands of each utterance, drawn
+    from a seeded generator in batch order; `cfg` is train.specaugment. Features are copied first."""
+    if cfg.time_masks == 0 and cfg.freq_masks == 0:
+        return batch
+    x = batch.features.clone()
+    B, _, D = x.shape
+    for b in range(B):
+        for _ in range(cfg.freq_masks):
+            w = int(torch.randint(0, cfg.freq_width + 1, (1,), generator=gen))
+            f0 = int(torch.randint(0, max(1, D - w), (1,), generator=gen))
+            x[b, :, f0:f0 + w] = 0
+        for _ in range(cfg.time_masks):
+            w = int(torch.randint(0, cfg.time_width + 1, (1,), generator=gen))
+            t0 = int(torch.randint(0, max(1, int(batch.lengths[b]) - w), (1,), generator=gen))
+            x[b, t0:t0 + w] = 0
+    return dataclasses.replace(batch, features=x)
+
+
 def collate_items(items: list[tuple[np.ndarray, np.ndarray]], feature_dim: int, pad_to: int = 0) -> Batch:
     """Pad (features [T, D], labels) pairs into one Batch of at least `pad_to` frames."""
     lengths = torch.tensor([len(x) for x, _ in items])
@@ -112,10 +133,13 @@ def loader(shard: Shard, batches: list[np.ndarray], workers: int, device: torch.
            pad_to: list[int] | None = None):
     """A DataLoader yielding the given batches in order: `workers` processes collate ahead of the
     training step (0 = in this process), pinned memory and prefetch on CUDA. Same batches, same
-    order, same bytes whatever the worker count. `pad_to`: frames to pad each batch to (DDP shares)."""
+    order, same bytes whatever the worker count. `pad_to`: frames to pad each batch to (DDP shares).
+    The workers draw nothing random; their seeds come from a generator of the loader's own, so
+    iterating it leaves torch's RNG (dropout's) as it was."""
     dataset = ShardDataset(shard)
     keys = [b.tolist() for b in batches] if pad_to is None else \
         [[(int(i), pad) for i in b] for b, pad in zip(batches, pad_to)]
     return torch.utils.data.DataLoader(dataset, batch_sampler=keys,
                                        collate_fn=dataset.collate, num_workers=workers,
-                                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+                                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                                       generator=torch.Generator().manual_seed(0))
