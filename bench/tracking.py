@@ -37,7 +37,7 @@ import numpy as np
 import psutil
 import torch
 
-from ctclab import models, tracking
+from ctclab import models, provenance, tracking
 from ctclab.batching import bucket_batches, collate
 from ctclab.config import flatten, load_params
 from ctclab.data import Shard
@@ -160,11 +160,11 @@ def compare(uri: str, params, train, dev, init_state, args, tmp: Path, data_hash
     models' steps alternated; seconds per epoch, per log call, and run start + end."""
     off, on = (Bench(params, train, dev, init_state, args.steps) for _ in range(2))
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("data", "features", "model", "train", "tracking")}
-    tags = {**tracking.provenance_tags(tmp, data_hash, "cpu", device_name(torch.device("cpu"))),
+    tags = {**provenance.tags(tmp, data_hash, "cpu", device_name(torch.device("cpu"))),
             "parameter_count": models.parameter_count(on.trainer.model)}
     times = {"off": [], "on": [], "log": []}
     t0 = time.perf_counter()
-    run = tracking.training_run(uri, "bench-tracking", tmp, None, logged, tags, "bench")
+    run = tracking.open_store(uri, tmp).training_run("bench-tracking", None, logged, tags, "bench")
     one_off = time.perf_counter() - t0
     with run:
         for epoch in range(args.epochs):

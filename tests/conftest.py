@@ -14,6 +14,14 @@ from ctclab.labels import PHONEMES
 TINY = {"train": 16, "dev": 4, "test": 4}
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_between_tests(monkeypatch):
+    """ctclab reads MLFLOW_TRACKING_URI when it opens a store; a test that points MLflow's own
+    client somewhere (mlflow.set_tracking_uri exports the variable) must not point the next
+    test's stores there too."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "raw"

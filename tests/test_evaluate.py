@@ -25,7 +25,7 @@ def setup_project(tmp_path, raw_root, dim):
     buf = tmp_path / "models"
     buf.mkdir()
     torch.save({"model_spec": model.spec(), "model": model.state_dict()}, buf / "best.pt")
-    with tracking.training_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", tmp_path, None, {}, {}, "r") as run:
+    with tracking.open_store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path).training_run("t", None, {}, {}, "r") as run:
         run.set_tags({"checkpoint_sha256": storage.sha256_file(buf / "best.pt")})
     return run.run_id
 

@@ -36,12 +36,12 @@ def test_make_run_goes_fetch_to_submit_and_prints_the_summary(repro):
     rows = list(csv.reader(open(project / "submission/submission.csv")))
     assert rows[0] == ["id", "predictions"] and [r[0] for r in rows[1:]] == ["0", "1", "2", "3"]
     # evaluate and submit logged into the training's run
-    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
+    run_id = tracking.open_store(f"sqlite:///{project / 'mlflow.db'}", project).checkpoint_run(project / "models/best.pt")
     assert f"MLflow run {run_id}" in summary
-    r = mlflow.get_run(run_id)
+    r = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
     assert "eval_dev_lev_beam" in r.data.metrics and "decode_beam_utterances_per_second" in r.data.metrics
     assert r.data.tags["decode.beam_width"] == "4"
-    paths = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "submission")}
+    paths = {a.path for a in mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").list_artifacts(run_id, "submission")}
     assert paths == {"submission/submission.csv"}
 
 
@@ -71,14 +71,14 @@ def test_a_dvc_remote_gives_a_fresh_clone_everything_without_recomputing(repro, 
 
 def test_verify_reexecutes_the_run_and_says_match(repro):
     project, _ = repro
-    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
+    run_id = tracking.open_store(f"sqlite:///{project / 'mlflow.db'}", project).checkpoint_run(project / "models/best.pt")
     out = run(project, sys.executable, "-m", "ctclab", "verify", run_id)
     assert out.stdout.splitlines() == ["same hardware: bit-identical expected", "packages as recorded",
                                        "MATCH (8 checks)"], out.stdout
     assert f"verify: run {run_id} (commit " in out.stderr and "re-executing train → evaluate" in out.stderr
     assert run(project, "git", "worktree", "list").stdout.count("\n") == 1  # the temporary worktree is gone
     # a commit this repository lacks: one line, exit 2, nothing re-executed
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     commit = client.get_run(run_id).data.tags["mlflow.source.git.commit"]
     client.set_tag(run_id, "mlflow.source.git.commit", "f" * 40)
     try:
@@ -142,12 +142,12 @@ def test_changing_only_beam_width_reruns_evaluate_and_submit_but_not_train(repro
 
 def test_predict_with_the_logged_model_reproduces_the_submission(repro):
     project, _ = repro
-    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
-    [logged] = mlflow.get_run(run_id).outputs.model_outputs
+    run_id = tracking.open_store(f"sqlite:///{project / 'mlflow.db'}", project).checkpoint_run(project / "models/best.pt")
+    [logged] = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).outputs.model_outputs
     out = run(project, sys.executable, "-m", "ctclab", "predict", "--model", f"models:/{logged.model_id}", "--mfcc",
               "data/raw").stdout
     assert out == (project / "submission/submission.csv").read_text()
-    by_run = tracking.load_model(f"sqlite:///{project / 'mlflow.db'}", project, f"runs:/{run_id}/model")
+    by_run = tracking.open_store(f"sqlite:///{project / 'mlflow.db'}", project).load_model(f"runs:/{run_id}/model")
     beam = yaml.safe_load((project / "params.yaml").read_text())["decode"]["beam_width"]
     assert submission.predict(by_run, project / "data/raw", beam, 1) == out  # the same model through its run
     bad = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/nope@champion", "--mfcc",
@@ -205,7 +205,7 @@ def test_a_new_architecture_is_one_file_and_runs_through_dvc(repro, tmp_path):
     assert "Running stage 'fetch'" not in out and "Running stage 'preprocess'" not in out
     ckpt = torch.load(project / "models/best.pt", weights_only=True)
     assert ckpt["model_spec"]["arch"] == "frame_mlp" and ckpt["model_spec"]["config"] == {"hidden": 24}
-    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
+    run_id = tracking.open_store(f"sqlite:///{project / 'mlflow.db'}", project).checkpoint_run(project / "models/best.pt")
     r = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
     assert r.data.params["model.arch"] == "frame_mlp" and r.data.params["model.frame_mlp.hidden"] == "24"
     assert "eval_dev_lev_beam" in r.data.metrics and "dev_lev_beam" in json.loads((project / "metrics/eval.json").read_text())
@@ -241,7 +241,7 @@ def test_a_new_decoder_is_one_file_and_evaluate_scores_it(repro, tmp_path):
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out and "Running stage 'submit'" not in out
     ev = json.loads((project / "metrics/eval.json").read_text())
     assert ev["dev_lev_best_path"] == ev["dev_lev_greedy"] and ev["dev_per_best_path"] == ev["dev_per_greedy"]
-    run_id = tracking.checkpoint_run(f"sqlite:///{project / 'mlflow.db'}", project, project / "models/best.pt")
+    run_id = tracking.open_store(f"sqlite:///{project / 'mlflow.db'}", project).checkpoint_run(project / "models/best.pt")
     metrics = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).data.metrics
     assert metrics["eval_dev_lev_best_path"] == ev["dev_lev_greedy"]
     assert "decode_best_path_utterances_per_second" in metrics

@@ -132,7 +132,7 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
                        env={"MLFLOW_TRACKING_URI": uri}).stdout
         lines = csv_text.splitlines()
         assert lines[0] == "id,predictions" and [l.split(",")[0] for l in lines[1:]] == [str(i) for i in range(6)], csv_text
-        champion = tracking.load_model(uri, clones[1], "models:/ctclab-conv_lstm@champion")
+        champion = tracking.open_store(uri, clones[1]).load_model("models:/ctclab-conv_lstm@champion")
         fall = submission.predict(champion, make_fall2022(tmp_path / "fall", dim=13), 2, 1).splitlines()
         assert fall[0] == "index,label" and len(fall) == 7  # the other layout, in its own format
 

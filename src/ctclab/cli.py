@@ -63,10 +63,10 @@ def _read_json(path: Path):
 def _training_run(root: Path) -> str:
     from .config import load_params
     from .errors import CtclabError
-    from .tracking import checkpoint_run
+    from .tracking import open_store
 
     try:
-        return checkpoint_run(load_params(root / "params.yaml").tracking.uri, root, root / "models/best.pt")
+        return open_store(load_params(root / "params.yaml").tracking.uri, root).checkpoint_run(root / "models/best.pt")
     except CtclabError:
         return "? (not in this store)"
 
@@ -184,11 +184,11 @@ def cmd_verify(a) -> int:
 def cmd_predict(a) -> int:
     from .config import load_params
     from .submission import predict
-    from .tracking import load_model
+    from .tracking import open_store
 
     root = repo_root()
     params = load_params(root / "params.yaml")
-    recognizer = load_model(params.tracking.uri, root, a.model)
+    recognizer = open_store(params.tracking.uri, root).load_model(a.model)
     beam = a.beam or params.decode.beam_width
     sys.stdout.write(predict(recognizer, Path(a.mfcc), beam, params.decode.workers, a.format))
     return 0

@@ -42,17 +42,18 @@ def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", 
     storage.write_json(metrics_dir / "eval.json", result)
     if not log:
         return result
-    run_id = tracking.checkpoint_run(tracking_uri, Path(root), models_dir / "best.pt")
+    store = tracking.open_store(tracking_uri, root)
+    run_id = store.checkpoint_run(models_dir / "best.pt")
     table = {f"evaluate/worst_utterances_beam{cfg.beam_width}.tsv": worst_utterances(dev, hyps[SUBMIT_DECODER], refs)}
     speed = {decode_speed(d): len(dev) / max(seconds[d], 1e-9) for d in decoders}
     scores = {**{EVAL + k: v for k, v in result.items()}, **speed}
     decode_tags = {"decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers}
     labels = {"study": study.name, "variant": study.variant, "seed": str(seed)} if study is not None and study.name else {}
-    if labels and not tracking.is_study_child(run_id, study.parent_run_id, labels):
+    if labels and not store.is_study_child(run_id, study.parent_run_id, labels):
         # the trained model came from another variant's training (DVC's run cache): a child run of its own
-        tracking.log_study_child(run_id, study.parent_run_id, labels, decode_tags, scores, table)
+        store.log_study_child(run_id, study.parent_run_id, labels, decode_tags, scores, table)
         return result
-    with tracking.continue_run(run_id) as run:
+    with store.continue_run(run_id) as run:
         run.log_metrics(scores)
         run.set_tags(decode_tags)
         if labels:  # a study child: decode params compare in the UI like training params (fixed per variant)

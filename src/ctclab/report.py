@@ -109,7 +109,7 @@ def latest_by_variant(study: Study, runs: list[tracking.RunRecord]) -> dict[str,
 def _header(study: Study, smoke: bool, parent: tracking.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
     lines = [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
              f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{parent.run_id}` "
-             f"in experiment `{parent.experiment_id}`: {tracking.ui_address(parent.experiment_id)}.", ""]
+             f"in experiment `{parent.experiment_id}`: {parent.ui_address()}.", ""]
     if any_run is not None:
         t = any_run.tags
         # runs from before the cpu_count tag existed: the count is known only if this is their host
@@ -173,7 +173,7 @@ def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison
             f"{train_s:.{0 if train_s >= 10 else 1}f} | {_contention(rs)} | {decode:.0f} | {ids} |")
 
 
-def _plot_curves(study: Study, by_variant: dict, png: Path) -> None:
+def _plot_curves(study: Study, by_variant: dict, png: Path, store: tracking.Store) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +183,7 @@ def _plot_curves(study: Study, by_variant: dict, png: Path) -> None:
     for name, rs in by_variant.items():
         if not rs:
             continue
-        curves = [dict(_curve(r)) for r in rs.values()]
+        curves = [dict(_curve(r, store)) for r in rs.values()]
         steps = sorted({s for c in curves for s in c})
         values = [[c[st] for c in curves if st in c] for st in steps]
         mean = np.array([np.mean(v) for v in values])
@@ -202,7 +202,7 @@ def _plot_curves(study: Study, by_variant: dict, png: Path) -> None:
 
 def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = "experiments/reports") -> Path:
     parent = parent_run(study, smoke, root, create=False)
-    by_variant = latest_by_variant(study, tracking.children(parent))
+    by_variant = latest_by_variant(study, parent.children())
     out_dir, stem = root / out_dir, study.name + ("-smoke" if smoke else "")
     comparisons = compare(study, by_variant)
     any_run = next((c for rs in by_variant.values() for c in rs.values()), None)
@@ -210,7 +210,7 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
     lines += [_row(study, v, by_variant[v.name], comparisons.get(v.name)) for v in study.variants]
     lines += per_seed(study, by_variant)
     png = out_dir / f"{stem}_curves.png"
-    _plot_curves(study, by_variant, png)
+    _plot_curves(study, by_variant, png, parent.store)
     lines += ["", f"Verdicts compare each variant with the baseline seed by seed: paired differences, a t-based 95 % "
               f"interval (negative = lower distance than baseline) and a paired t-test whose p-values are "
               f"Holm-adjusted across the study's {len(comparisons)} comparison{'s' if len(comparisons) != 1 else ''} (in brackets); a variant is better "
@@ -218,15 +218,15 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
               f"![learning curves (mean ± 1 std over seeds)]({png.name})", ""]
     md = out_dir / f"{stem}.md"
     storage.write_text(md, "\n".join(lines))
-    tracking.log_parent_artifacts(parent, [md, png], "report")
+    parent.log_artifacts([md, png], "report")
     return md
 
 
-def _curve(run: tracking.RunRecord) -> list[tuple[int, float]]:
+def _curve(run: tracking.RunRecord, store: tracking.Store) -> list[tuple[int, float]]:
     """Per-epoch dev greedy distance of a child run (epochs count from 1; runs from before the
     curves took the row's names logged them under epoch/)."""
     key = f"epoch/{SELECT_BY}" if f"epoch/{SELECT_BY}" in run.metrics else SELECT_BY
-    return [(step, value) for step, value in tracking.metric_history(run.run_id, key) if step >= 1]
+    return [(step, value) for step, value in store.metric_history(run.run_id, key) if step >= 1]
 
 
 def _diff(v: Variant, study: Study) -> str:
@@ -240,14 +240,14 @@ def promote(study: Study, root: Path, smoke: bool = False) -> str:
     """Register the study's best variant (lowest mean; its best seed's model) as `ctclab-<arch>`,
     alias `champion`, with the study's verdict for it in the version's description."""
     parent = parent_run(study, smoke, root, create=False)
-    by_variant = latest_by_variant(study, tracking.children(parent))
+    by_variant = latest_by_variant(study, parent.children())
     means = {v: mean_std([score(r, study.metric) for r in rs.values()])[0] for v, rs in by_variant.items() if rs}
     if not means:
         raise CtclabError(f"{study.path}: no finished runs to promote; run `ctclab study run {study.path}` first")
     best = min(means, key=means.get)
     seed, child = min(by_variant[best].items(), key=lambda kv: score(kv[1], study.metric))
     training_run = child.tags.get("training_run_id") or child.run_id
-    model_id = tracking.logged_model_id(training_run)
+    model_id = parent.store.logged_model_id(training_run)
     if model_id is None:
         raise CtclabError(f"study {study.name}: the best run ({best}, seed {seed}, MLflow run {training_run}) has no "
                           "logged model (recorded before ctclab logged models); re-run the study")
@@ -262,7 +262,7 @@ def promote(study: Study, root: Path, smoke: bool = False) -> str:
     description = (f"Study {study.name}{' (smoke)' if smoke else ''}: best variant {best} (mean {study.metric} "
                    f"{means[best]:.3f} over {len(by_variant[best])} seeds; this is seed {seed}, "
                    f"{score(child, study.metric):.3f}); verdict vs baseline: {word}. Question: {study.question}")
-    version = tracking.register(model_id, f"ctclab-{arch}", "champion", description,
-                                {"study": study.name, "variant": best, "seed": seed, "training_run_id": training_run,
-                                 study.metric: score(child, study.metric)})
+    version = parent.store.register(model_id, f"ctclab-{arch}", "champion", description,
+                                      {"study": study.name, "variant": best, "seed": seed,
+                                       "training_run_id": training_run, study.metric: score(child, study.metric)})
     return f"ctclab-{arch} version {version} (alias champion): {description}"

@@ -160,18 +160,17 @@ def parent_run(study: Study, smoke: bool, root: Path, create: bool = True) -> tr
     """The study's MLflow parent run in the study's experiment (found by tags, created if asked).
     A report also finds parents recorded before studies had experiments of their own."""
     t = config.load_params(root / "params.yaml").tracking
-    experiment = study.experiment(t.experiment, smoke)
-    found = tracking.find_parent(t.uri, experiment, root, study.name, smoke)
+    store, experiment = tracking.open_store(t.uri, root), study.experiment(t.experiment, smoke)
+    found = store.find_parent(experiment, study.name, smoke)
     if found is None and not create:
-        found = tracking.find_parent(t.uri, t.experiment, root, study.name, smoke)
+        found = store.find_parent(t.experiment, study.name, smoke)
     if found is not None:
         return found
     if not create:
         raise CtclabError(f"{study.path}: no MLflow runs for study {study.name!r}"
                           f"{' (smoke)' if smoke else ''}; run `ctclab study run {study.path}` first")
     text = Path(study.path).read_text() if study.path else ""
-    return tracking.create_parent(t.uri, experiment, root, study.name, smoke, study.parent_name(smoke),
-                                  study.question, text)
+    return store.create_parent(experiment, study.name, smoke, study.parent_name(smoke), study.question, text)
 
 
 def score(child: tracking.RunRecord, metric: str) -> float | None:
@@ -187,7 +186,7 @@ def finished(child: tracking.RunRecord, metric: str) -> bool:
 def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent: tracking.ParentRun):
     """Queue every variant × seed without a finished child run; return (queued, skipped) names.
     One still queued or running from an interrupted `ctclab study run` is waited for, not queued again."""
-    done = {(c.tags.get("variant"), c.tags.get("seed")) for c in tracking.children(parent) if finished(c, study.metric)}
+    done = {(c.tags.get("variant"), c.tags.get("seed")) for c in parent.children() if finished(c, study.metric)}
     names = [study.exp_name(v, s, smoke) for v in study.variants for s in seeds]
     in_queue = {n for n, state in queue_states(root, names)[0].items() if state in ("Queued", "Running")}
     queued, skipped = [], []
@@ -230,7 +229,7 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     parent = parent_run(study, smoke, root)
     queued, skipped = _queue(study, root, seeds, smoke, parent)
     print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI: "
-          f"{tracking.ui_address(parent.experiment_id)}", flush=True)
+          f"{parent.ui_address()}", flush=True)
     t0 = time.monotonic()
     if queued:
         # Workers exit by themselves once the queue is empty. No `dvc queue stop` here: a stop
@@ -263,7 +262,7 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     states = queue_states(root, queued)[0] if queued else {}
     failed = sorted(n for n, s in states.items() if s != "Success")
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
-            "parent_run_id": parent.run_id, "ui": tracking.ui_address(parent.experiment_id)}
+            "parent_run_id": parent.run_id, "ui": parent.ui_address()}
 
 
 def start_workers(root: Path, jobs: int) -> None:

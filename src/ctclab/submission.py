@@ -71,8 +71,9 @@ def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/pro
     # the embedded corpus has test transcripts: score them too
     scores = submit_scores(score(hyps[SUBMIT_DECODER], test.references())) if meta["labelled"]["test"] else {}
     storage.write_json(Path(metrics_dir) / "submit.json", {**result, **scores})
-    run_id = tracking.checkpoint_run(tracking_uri, Path(root), models_dir / "best.pt")
-    with tracking.continue_run(run_id) as run:
+    store = tracking.open_store(tracking_uri, root)
+    run_id = store.checkpoint_run(models_dir / "best.pt")
+    with store.continue_run(run_id) as run:
         run.log_artifact(out_path, "submission")
         if scores:
             run.log_metrics(scores)

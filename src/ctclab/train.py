@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, models, storage, tracking
+from . import checkpoint, distributed, models, provenance, storage, tracking
 from .batching import bucket_batches, feasible
 from .config import Params, flatten
 from .data import Shard
@@ -140,7 +140,7 @@ def write_outputs(history: list[dict], summary: TrainSummary, run: tracking.RunL
         ",".join(str(r[k]) for k in HISTORY_COLUMNS) + "\n" for r in history))
     # evaluate and submit find this run by the checkpoint's bytes (no run id in DVC's outs)
     run.set_tags({"checkpoint_sha256": storage.sha256_file(out_dir / "best.pt")})
-    run.log_metrics(summary.tracked(tracking.train_seconds(run.run_id)))
+    run.log_metrics(summary.tracked(run.store.train_seconds(run.run_id)))
     run.log_artifact(out_dir / "best.pt", "checkpoints")
     run.log_artifact(out_dir / "last.pt", "checkpoints")
     best = load_model(out_dir / "best.pt")
@@ -288,14 +288,15 @@ def lead(t: Training, params: Params, meta: dict, infeasible: dict, data_dir: Pa
     """Rank 0 (the only process without DDP): the training, its MLflow run and its files."""
     trainer, state = t.trainer, t.progress
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
-    tags = {**tracking.provenance_tags(root, meta["data_hash"], str(trainer.device), device_name(trainer.device)),
+    tags = {**provenance.tags(root, meta["data_hash"], str(trainer.device), device_name(trainer.device)),
             "parameter_count": models.parameter_count(trainer.model), "amp_dtype": str(trainer.dtype),
             "world_size": trainer.group.world, **{f"infeasible_{k}": v for k, v in infeasible.items()}}
     if params.study.name:
         tags.update({"study": params.study.name, "variant": params.study.variant, "seed": t.cfg.seed})
     name, parent = run_identity(params)
-    with StopSignals() as stop, tracking.training_run(params.tracking.uri, params.tracking.experiment, root,
-                                                        state.run_id, logged, tags, name, parent) as run:
+    store = tracking.open_store(params.tracking.uri, root)
+    with StopSignals() as stop, store.training_run(params.tracking.experiment, state.run_id, logged, tags, name,
+                                                   parent) as run:
         if state.run_id is None:
             run.log_data(data_input(params, meta, data_dir))
         state.run_id = trainer.group.broadcast(run.run_id)

@@ -159,14 +159,15 @@ def prepare(root: Path, worktree: Path, run, data_hash: str) -> str:
 
 
 def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) -> Outcome:
-    run = tracking.find_run(configured_uri, root, run_ref)
+    recorded = tracking.open_store(configured_uri, root)
+    run = recorded.find_run(run_ref)
     commit = run.tags.get("mlflow.source.git.commit") or run.tags.get("git_commit") or "unknown"
     if commit == "unknown" or _git(root, "cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode:
         raise CtclabError(f"verify: run {run.run_id} was recorded at commit {commit[:12]}, which this repository "
                           "does not have; fetch it first")
     data_hash = run.tags.get("data_hash", "")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar for one small file
-    diff = tracking.run_text(run.run_id, "environment/git.diff") if run.tags.get("git_dirty") == "true" else ""
+    diff = recorded.run_text(run.run_id, "environment/git.diff") if run.tags.get("git_dirty") == "true" else ""
     if run.tags.get("git_dirty") == "true" and not diff:
         raise CtclabError(f"verify: run {run.run_id} was trained from a dirty tree and logged no git diff; its code "
                           "cannot be re-created")
@@ -176,25 +177,24 @@ def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) ->
         if diff:
             (worktree / ".recorded.diff").write_text(diff)
             _git(worktree, "apply", ".recorded.diff")
-        store = f"sqlite:///{worktree / 'verify.db'}"
-        write_params(worktree, run.params, run.tags.get("decode.beam_width"), store)
+        store_uri = f"sqlite:///{worktree / 'verify.db'}"
+        write_params(worktree, run.params, run.tags.get("decode.beam_width"), store_uri)
         t0 = time.monotonic()
         how = prepare(root, worktree, run, data_hash)
         print(f"verify: run {run.run_id} (commit {commit[:12]}{', with its diff' if diff else ''}; {how}); "
               f"re-executing train → evaluate in {worktree}", file=sys.stderr, flush=True)
         for stage in ("train", "evaluate"):
             _stage(worktree, stage)
-        again = tracking.record(tracking.checkpoint_run(store, worktree, worktree / "models/best.pt"))
+        rerun = tracking.open_store(store_uri, worktree)
+        again = rerun.record(rerun.checkpoint_run(worktree / "models/best.pt"))
         print(f"verify: re-executed in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        curves = {k: [v for _, v in tracking.metric_history(again.run_id, k)] for k in CURVES}
-        freeze_again = tracking.run_text(again.run_id, "environment/pip-freeze.txt")
-        tracking.connect(configured_uri, root)
-        recorded_curves = {k: [v for _, v in tracking.metric_history(run.run_id, k)] for k in CURVES}
+        curves = {k: [v for _, v in rerun.metric_history(again.run_id, k)] for k in CURVES}
+        recorded_curves = {k: [v for _, v in recorded.metric_history(run.run_id, k)] for k in CURVES}
         outcome = compare(run, recorded_curves, again, curves)
-        outcome.packages = package_changes(tracking.run_text(run.run_id, "environment/pip-freeze.txt"), freeze_again)
+        outcome.packages = package_changes(recorded.run_text(run.run_id, "environment/pip-freeze.txt"),
+                                           rerun.run_text(again.run_id, "environment/pip-freeze.txt"))
         return outcome
     finally:
-        tracking.connect(configured_uri, root)
         if not keep:
             _git(root, "worktree", "remove", "--force", str(worktree), check=False)
             shutil.rmtree(worktree.parent, ignore_errors=True)
