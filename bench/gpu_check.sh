@@ -92,7 +92,8 @@ p = yaml.safe_load(open(sys.argv[1]))
 p["train"].update(device="cuda")
 yaml.safe_dump(p, open(sys.argv[2], "w"), sort_keys=False)
 EOF
-(cd "$PROJ" && timeout 150 python3 "$REPO/pipeline/train.py" && timeout 60 python3 "$REPO/pipeline/evaluate.py") \
+PATHS="--data data/processed --models models --metrics metrics"  # as dvc.yaml's train and evaluate cmds pass them
+(cd "$PROJ" && timeout 150 python3 "$REPO/pipeline/train.py" $PATHS && timeout 60 python3 "$REPO/pipeline/evaluate.py" $PATHS) \
     2>&1 | tr '\r' '\n' | grep -v "batch/s" | tee "$OUT_DIR/pipeline.log" | tail -6
 record "default pipeline (1,200 utt, A3 h=128, the CPU default's params) 15 epochs on CUDA: $(grep -E '^epoch 15/15' "$OUT_DIR/pipeline.log" | sed 's/^epoch 15\/15: //') ; $(grep '^evaluate:' "$OUT_DIR/pipeline.log" || echo 'evaluate FAILED')"
 cp bench/RESULTS.md "$OUT_DIR/RESULTS.md"

@@ -1,12 +1,13 @@
-"""DVC stage `evaluate`: decode dev with the best checkpoint and every decoder (greedy, beam, yours);
-write metrics/eval.json; log scores, decode speed and the worst utterances into the training's run (or, inside a study, into a child run of the study's parent run).
+"""DVC stage `evaluate`: decode --data's dev with --models' best checkpoint and every decoder (greedy, beam,
+yours); write eval.json to --metrics; log scores, decode speed and the worst utterances into the training's run (or, inside a study, into a child run of the study's parent run).
 
-    python pipeline/evaluate.py      # or: dvc repro evaluate
+    dvc repro evaluate      # runs dvc.yaml's cmd: python pipeline/evaluate.py --data data/processed --models models --metrics metrics
 """
 import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.evaluate import evaluate
+from ctclab.project import stage_arguments
 from ctclab.results import describe_eval
 
 # decode.beam_width changes the scores; study.* and train.seed choose the MLflow run it logs into
@@ -16,8 +17,10 @@ PARAMS = ["decode.beam_width", "study", "train.seed"]
 
 @one_line_errors
 def main() -> None:
+    paths = stage_arguments(__doc__, "data", "models", "metrics")
     p = load_params()
-    r = evaluate(p.decode, study=p.study, seed=p.train.seed, tracking_uri=p.tracking.uri)
+    r = evaluate(p.decode, paths.data, paths.models, paths.metrics, study=p.study, seed=p.train.seed,
+                 tracking_uri=p.tracking.uri)
     print(f"evaluate: {describe_eval(r)}")
 
 

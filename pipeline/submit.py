@@ -1,11 +1,12 @@
 """DVC stage `submit`: decode test in the
-competition's order, write submission/submission.csv in its format, optionally upload it.
+competition's order, write --out (dvc.yaml: submission/submission.csv) in its format, optionally upload it.
 
-    python pipeline/submit.py      # or: dvc repro submit
+    dvc repro submit      # runs dvc.yaml's cmd (python pipeline/submit.py --data … --out …)
 """
 import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
+from ctclab.project import stage_arguments
 from ctclab.results import describe_test
 from ctclab.submission import submit
 
@@ -16,9 +17,11 @@ PARAMS = ["decode.beam_width", "submit.upload", "data.competition"]
 
 @one_line_errors
 def main() -> None:
+    paths = stage_arguments(__doc__, "data", "models", "out", "metrics")
     p = load_params()
-    r = submit(p.decode, p.submit.upload, p.data.competition, tracking_uri=p.tracking.uri)
-    print(f"submit: {r['rows']} rows ({r['format']} format) in submission/submission.csv{describe_test(r)}")
+    r = submit(p.decode, p.submit.upload, p.data.competition, paths.data, paths.models, paths.out, paths.metrics,
+               tracking_uri=p.tracking.uri)
+    print(f"submit: {r['rows']} rows ({r['format']} format) in {paths.out}{describe_test(r)}")
 
 
 if __name__ == "__main__":

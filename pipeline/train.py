@@ -1,15 +1,17 @@
-"""DVC stage `train`: train on data/processed, write models/
-and metrics/train.json + metrics/train_history.csv, log everything to one MLflow run.
+"""DVC stage `train`: train on --data, write checkpoints to --models and train.json +
+train_history.csv to --metrics, log everything to one MLflow run.
 
-    python pipeline/train.py      # or: dvc repro train
+    dvc repro train      # runs dvc.yaml's cmd: python pipeline/train.py --data data/processed --models models --metrics metrics
 """
 import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
 import os
+import sys
 
 from ctclab import distributed
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.inference import select_device
+from ctclab.project import stage_arguments
 from ctclab.train import train
 
 # The keys that change what train writes: train.resume only decides whether an interrupted run
@@ -22,13 +24,14 @@ PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimi
 
 @one_line_errors
 def main() -> None:
+    paths = stage_arguments(__doc__, "data", "models", "metrics")
     params = load_params()
     if distributed.wanted(params.train.distributed) and not distributed.is_worker():
         # this script again on every process of this node, under torchrun's launcher
-        distributed.launch(params.train.distributed, select_device(params.train.device), __file__)
+        distributed.launch(params.train.distributed, select_device(params.train.device), __file__, sys.argv[1:])
         return
     with distributed.worker_errors():
-        best, run_id = train(params)
+        best, run_id = train(params, paths.data, paths.models, paths.metrics)
     if os.environ.get("RANK", "0") != "0":
         return
     print(f"train: best dev greedy distance {best.dev_lev_greedy:.3f} (PER {best.dev_per:.1%}) "

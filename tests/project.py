@@ -12,6 +12,7 @@ import yaml
 
 import ctclab.models  # noqa: F401  (first: its registry lets load_params check every model.<arch> section)
 from ctclab.config import load_params, with_overrides
+from ctclab.project import stage_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = load_params(REPO / "params.yaml")
@@ -90,7 +91,7 @@ def interrupt_training(project: Path, sig: int, deadline_s: float = 600) -> tupl
 
     from ctclab.checkpoint import RESUME_DIR
 
-    proc = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
+    proc = subprocess.Popen(stage_command(project, "train"), cwd=project, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline, where = time.monotonic() + deadline_s, None
     while where is None and time.monotonic() < deadline and proc.poll() is None:
@@ -119,7 +120,8 @@ def run(cwd: Path, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedP
 
 
 def stage(cwd: Path, name: str, **kw) -> subprocess.CompletedProcess:
-    return run(cwd, sys.executable, f"pipeline/{name}.py", **kw)
+    """A stage run as dvc.yaml's cmd says (its script, its paths), without DVC."""
+    return run(cwd, *stage_command(cwd, name), **kw)
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ import torch
 
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.inference import load_checkpoint
-from project import env, merge, project_with_data, run_train, stage
+from project import env, merge, project_with_data, run_train, stage, stage_command
 
 # dropout off: one process draws one mask for the whole batch, two ranks draw one each
 SAME_MATH = {"model": {"conv_lstm": {"lstm_layers": 2, "dropout": {"embedding": 0.0, "lstm": 0.0, "classifier": 0.0}}},
@@ -69,7 +69,7 @@ def test_a_killed_rank_ends_the_group_in_one_line_and_the_group_resumes(two_rank
     reference, _ = two_ranks
     # a resume checkpoint after every batch (a runtime-only key: the same training as the reference)
     project = project_with_data(tmp_path, processed, merge(TWO_RANKS, {"train": {"checkpoint_minutes": 1e-6}}))
-    launcher = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
+    launcher = subprocess.Popen(stage_command(project, "train"), cwd=project, env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline, victim = time.monotonic() + 300, None
     while victim is None and time.monotonic() < deadline and launcher.poll() is None:

@@ -2,6 +2,7 @@
 modules in the script's import closure, and its params exactly the keys the script declares."""
 import ast
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
@@ -80,7 +81,25 @@ def disagreements(dvc: dict) -> list[str]:
         params = stage.get("params", [])
         if params != declared_params(REPO / script):
             problems.append(f"{name}: params {params} != {script}.PARAMS {declared_params(REPO / script)}")
+        problems += path_disagreements(name, stage, deps - code_deps)
     return problems
+
+
+def path_disagreements(name: str, stage: dict, data_deps: set[str]) -> list[str]:
+    """Paths are said once: each one the cmd passes is a dep or out (or holds one), and each data
+    dep and out is a path the cmd passes (or inside one): no script reads a path of its own."""
+    words = shlex.split(stage["cmd"])
+    passed = [b for a, b in zip(words, words[1:]) if a.startswith("--")]
+    outputs = set(stage.get("outs", [])) | {next(iter(m)) if isinstance(m, dict) else m
+                                            for m in stage.get("metrics", []) + stage.get("plots", [])}
+
+    def inside(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+    problems = [f"{name}: cmd passes {p}, which is neither a dep nor an out" for p in passed
+                if not any(inside(d, p) for d in data_deps | outputs)]
+    return problems + [f"{name}: {d} is not a path its cmd passes" for d in sorted(data_deps | outputs)
+                       if not any(inside(d, p) for p in passed)]
 
 
 def test_dvc_yaml_deps_and_params_match_the_code():
@@ -92,7 +111,11 @@ def test_the_check_catches_a_removed_dep_and_a_stale_param():
     dvc["stages"]["submit"]["deps"].remove("src/ctclab/labels.py")
     dvc["stages"]["train"]["deps"].append("src/ctclab/corpus.py")
     dvc["stages"]["evaluate"]["params"].append("decode.workers")
+    dvc["stages"]["preprocess"]["cmd"] = "python pipeline/preprocess.py --raw data/raw"  # reads its out from elsewhere
+    dvc["stages"]["fetch"]["cmd"] += " --cache data/cache"
     assert disagreements(dvc) == [
+        "fetch: cmd passes data/cache, which is neither a dep nor an out",
+        "preprocess: data/processed is not a path its cmd passes",
         "train: dep src/ctclab/corpus.py is not imported by pipeline/train.py",
         f"evaluate: params {dvc['stages']['evaluate']['params']} != pipeline/evaluate.py.PARAMS "
         f"{dvc['stages']['evaluate']['params'][:-1]}",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ctclab import submission, tracking
-from project import REPO, commit, make_project, run
+from project import REPO, commit, make_project, run, stage_command
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_predict_with_the_logged_model_reproduces_the_submission(repro):
 def test_a_stage_run_by_another_python_says_so_in_one_line(tmp_path):
     project = make_project(tmp_path / "p", git=False)
     other = sys._base_executable  # the Python the venv was made from: no ctclab there
-    r = run(project, other, "pipeline/train.py", check=False)
+    r = run(project, other, *stage_command(project, "train")[1:], check=False)
     assert r.returncode == 1 and r.stdout == "", r.stderr
     [line] = r.stderr.strip().splitlines()
     assert line.startswith(f"train.py: ctclab is not importable by {other}; ") and "/.venv/bin/activate" in line

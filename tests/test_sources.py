@@ -103,7 +103,7 @@ def test_a_key_across_the_200_character_cut_leaves_no_prefix(tmp_path, monkeypat
 
 def run_stage(project: Path, script: str, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, str(REPO / "pipeline" / script)], cwd=project, env=env,
+    return subprocess.run([sys.executable, str(REPO / "pipeline" / script), "--out", "data/raw"], cwd=project, env=env,
                           capture_output=True, text=True)
 
 

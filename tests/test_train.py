@@ -12,7 +12,7 @@ from ctclab.checkpoint import RESUME_DIR
 from ctclab.errors import CtclabError
 from ctclab.inference import load_checkpoint, load_model
 from ctclab.models import architectures
-from project import interrupt_training, merge, project_with_data, run_train
+from project import interrupt_training, merge, project_with_data, run_train, stage_command
 
 
 @pytest.mark.parametrize("arch", sorted(architectures()))
@@ -294,7 +294,7 @@ def test_a_tracking_server_lost_mid_training_loses_nothing(tmp_path, processed):
     fast_failing = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # the user's setting is kept; no waiting in a test
     server.start()
     try:
-        train = subprocess.Popen([sys.executable, "pipeline/train.py"], cwd=project, env=env(fast_failing),
+        train = subprocess.Popen(stage_command(project, "train"), cwd=project, env=env(fast_failing),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while not list((project / RESUME_DIR).glob("*.json")) and train.poll() is None:
             time.sleep(0.02)

@@ -60,37 +60,41 @@ def _read_json(path: Path):
         return None
 
 
-def _training_run(root: Path) -> str:
+def _training_run(root: Path, checkpoint: Path) -> str:
     from .config import load_params
     from .errors import CtclabError
     from .tracking import open_store
 
     try:
-        return open_store(load_params(root / "params.yaml").tracking.uri, root).checkpoint_run(root / "models/best.pt")
+        return open_store(load_params(root / "params.yaml").tracking.uri, root).checkpoint_run(checkpoint)
     except CtclabError:
         return "? (not in this store)"
 
 
 def summary(root: Path, times: dict[str, float | None], total: float) -> str:
+    """What `ctclab run` made, read from the files at the paths dvc.yaml's commands give."""
+    from .project import stage_paths
     from .results import TrainSummary, describe_eval, describe_test
 
     lines = ["", "── ctclab summary " + "─" * 40]
-    meta = _read_json(root / "data/processed/meta.json")
+    prep, train_at, eval_at, submit_at = (stage_paths(root, s) for s in ("preprocess", "train", "evaluate", "submit"))
+    meta = _read_json(prep["out"] / "meta.json")
     if meta:
         counts = ", ".join(f"{meta['utterances'][s]} {s}" for s in ("train", "dev", "test"))
-        lines.append(f"data       data/raw ({meta['layout']} layout) → data/processed: {counts} utterances, "
-                     f"feature dim {meta['feature_dim']}, {meta['bad_utterances']} bad")
+        lines.append(f"data       {prep['raw'].relative_to(root)} ({meta['layout']} layout) → "
+                     f"{prep['out'].relative_to(root)}: {counts} utterances, feature dim {meta['feature_dim']}, "
+                     f"{meta['bad_utterances']} bad")
     for stage, seconds in times.items():
         lines.append(f"stage      {stage:<11} {'cached' if seconds is None else f'{seconds:6.1f} s'}")
-    train = _read_json(root / "metrics/train.json")
+    train = _read_json(train_at["metrics"] / "train.json")
     if train:
         best = TrainSummary(**train)
         lines.append(f"train      dev greedy Levenshtein {best.dev_lev_greedy:.3f}, PER {best.dev_per:.1%} "
-                     f"(best of {best.epochs} epochs); MLflow run {_training_run(root)}")
-    ev = _read_json(root / "metrics/eval.json")
+                     f"(best of {best.epochs} epochs); MLflow run {_training_run(root, train_at['models'] / 'best.pt')}")
+    ev = _read_json(eval_at["metrics"] / "eval.json")
     if ev:
         lines.append(f"evaluate   {describe_eval(ev)}")
-    sub, sub_metrics = root / "submission/submission.csv", _read_json(root / "metrics/submit.json")
+    sub, sub_metrics = submit_at["out"], _read_json(submit_at["metrics"] / "submit.json")
     if sub.is_file() and sub_metrics:
         lines.append(f"submission {sub.relative_to(root)} ({sub_metrics['rows']} rows){describe_test(sub_metrics)}")
     lines.append(f"total      {total:.1f} s")

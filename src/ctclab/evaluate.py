@@ -3,7 +3,7 @@ decoder (greedy, beam, and any in src/ctclab/decoders), score it, write metrics/
 training's MLflow run. Inside a study that run is the variant × seed's child run; when DVC's run
 cache handed over another variant's trained model, a child run of its own is made for this variant.
 
-    python pipeline/evaluate.py      # or: dvc repro evaluate
+    dvc repro evaluate      # pipeline/evaluate.py with the paths dvc.yaml's cmd gives it
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def worst_utterances(shard: Shard, hyps: list[list[int]], refs: list[list[int]],
         f"{shard.ids[i]}\t{d[i]}\t{_phonemes(refs[i])}\t{_phonemes(hyps[i])}\n" for i in worst)
 
 
-def evaluate(cfg: DecodeConfig, data_dir="data/processed", models_dir="models", metrics_dir="metrics",
+def evaluate(cfg: DecodeConfig, data_dir: str | Path, models_dir: str | Path, metrics_dir: str | Path,
              root=".", log=True, study: StudyConfig | None = None, seed: int = 0, tracking_uri: str = "") -> dict:
     data_dir, models_dir, metrics_dir = Path(data_dir), Path(models_dir), Path(metrics_dir)
     dev = Shard(data_dir / "dev")

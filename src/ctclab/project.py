@@ -1,8 +1,11 @@
 """Where the project is and how to run its tools: the repository root (also from inside a DVC
-experiment's temp copy) and an environment whose `python` and `dvc` are this interpreter's."""
+experiment's temp copy), the stages' paths as dvc.yaml's commands give them, and an environment
+whose `python` and `dvc` are this interpreter's."""
 from __future__ import annotations
 
+import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,3 +37,33 @@ def tool_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
+
+
+# dvc.yaml is the one place the pipeline's paths are written: each stage's `cmd` passes them to its
+# script as `--name path` (as iterative/example-get-started does), beside the same paths as deps/outs.
+def stage_command(root: Path, stage: str) -> list[str]:
+    """A dvc.yaml stage's `cmd` as arguments, with this interpreter for its `python`."""
+    import yaml
+
+    dvc_yaml = Path(root) / "dvc.yaml"
+    try:
+        cmd = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]["cmd"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise CtclabError(f"{dvc_yaml}: no readable `stages.{stage}.cmd` ({type(err).__name__}); "
+                          "expected the project's dvc.yaml") from None
+    args = shlex.split(cmd)
+    return [sys.executable, *args[1:]] if args and args[0] == "python" else args
+
+
+def stage_paths(root: Path, stage: str) -> dict[str, Path]:
+    """The paths a stage's `cmd` passes (`--models models` → {"models": root/models})."""
+    args = stage_command(root, stage)
+    return {a[2:]: Path(root) / b for a, b in zip(args, args[1:]) if a.startswith("--")}
+
+
+def stage_arguments(script_doc: str, *names: str) -> argparse.Namespace:
+    """A stage script's paths from its command line (dvc.yaml's `cmd`), each required."""
+    parser = argparse.ArgumentParser(description=script_doc.strip().splitlines()[0])
+    for name in names:
+        parser.add_argument(f"--{name}", type=Path, required=True, metavar="PATH")
+    return parser.parse_args()

@@ -4,7 +4,7 @@ map), score it when the data has test transcripts, log it into the training's ML
 if asked, upload it with the `kaggle` package. `predict` does the same for any folder of MFCC files
 with a logged MLflow model (`ctclab predict`).
 
-    python pipeline/submit.py      # or: dvc repro submit
+    dvc repro submit      # pipeline/submit.py with the paths dvc.yaml's cmd gives it
 """
 from __future__ import annotations
 
@@ -59,9 +59,8 @@ def predict(recognizer, folder: str | Path, beam_width: int, workers: int, fmt: 
     return submission_csv(hyps[SUBMIT_DECODER], fmt or layout_fmt)
 
 
-def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir="data/processed", models_dir="models",
-           out_path="submission/submission.csv", metrics_dir="metrics", root=".", kaggle_api=None,
-           tracking_uri: str = "") -> dict:
+def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir: str | Path, models_dir: str | Path,
+           out_path: str | Path, metrics_dir: str | Path, root=".", kaggle_api=None, tracking_uri: str = "") -> dict:
     data_dir, models_dir, out_path = Path(data_dir), Path(models_dir), Path(out_path)
     meta = json.loads((data_dir / "meta.json").read_text())
     test = Shard(data_dir / "test")

@@ -1,6 +1,6 @@
 """CTC training on CUDA or CPU, tracked in MLflow, resumable from exact checkpoints.
 
-    python pipeline/train.py        # or: dvc repro train
+    dvc repro train        # pipeline/train.py with the paths dvc.yaml's cmd gives it
 
 CUDA: autocast (bf16 where supported, else fp16 + grad scaler), packed sequences for cuDNN,
 pinned memory. CPU: the unpacked BiLSTM path, deterministic algorithms, full seeding, so a rerun
@@ -260,8 +260,8 @@ def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Tr
     return Training(trainer, data, progress, out_dir, resume_path), meta, infeasible
 
 
-def train(params: Params, data_dir: str | Path = "data/processed", out_dir: str | Path = "models",
-          metrics_dir: str | Path = "metrics", root: str | Path = ".", progress: bool = True) -> tuple[TrainSummary, str]:
+def train(params: Params, data_dir: str | Path, out_dir: str | Path, metrics_dir: str | Path, root: str | Path = ".",
+          progress: bool = True) -> tuple[TrainSummary, str]:
     """Train (resuming an interrupted run with the same params); rank 0's summary and MLflow run id.
     Under DDP every rank calls this; rank 0 logs and writes, the others `follow`."""
     data_dir, out_dir, metrics_dir, root = Path(data_dir), Path(out_dir), Path(metrics_dir), Path(root)

@@ -6,7 +6,7 @@ Reads the run's commit, params, data hash, hardware and package versions (its `p
 temporary git worktree (applying the recorded `git diff` when the tree was dirty), writes the
 recorded params into its params.yaml with a tracking store of its own, takes the data from this
 repository when its hash matches (else fetches and preprocesses there and refuses if the hash
-differs), runs train → evaluate, and compares the checkpoint's sha256 and the scores. On the same
+differs), runs train → evaluate as that commit's dvc.yaml says (its `cmd`, with its paths), and compares the checkpoint's sha256 and the scores. On the same
 hardware (CPU model, torch version and threads, device) everything must be bit-identical; on other
 hardware the scores must agree within TOLERANCE (CPU floats differ across machines). Prints MATCH
 or a table of differences; exits 1 on a mismatch, 2 when it cannot verify.
@@ -27,7 +27,7 @@ import yaml
 from . import tracking
 from .errors import CtclabError
 from .results import BEST, DEV, EVAL, VERIFIED_CURVES
-from .project import tool_env
+from .project import stage_command, stage_paths, tool_env
 
 # Relative tolerance for scores re-executed on other hardware.
 TOLERANCE = 0.10
@@ -131,12 +131,18 @@ def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _stage(worktree: Path, name: str) -> None:
+    """Run a stage as the recorded commit's dvc.yaml says (its script, its paths)."""
     env = {**tool_env(), "PYTHONPATH": str(worktree / "src")}  # the recorded commit's code, not this checkout's
     env.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run([sys.executable, f"pipeline/{name}.py"], cwd=worktree, env=env, capture_output=True, text=True)
+    r = subprocess.run(stage_command(worktree, name), cwd=worktree, env=env, capture_output=True, text=True)
     if r.returncode:
         last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise CtclabError(f"verify: the {name} stage failed in {worktree}: {last[0]}")
+
+
+def _processed(worktree: Path) -> Path:
+    """Where the recorded commit's stages read their shards (commits before dvc.yaml passed paths: data/processed)."""
+    return stage_paths(worktree, "preprocess").get("out", worktree / "data" / "processed")
 
 
 def prepare(root: Path, worktree: Path, run, data_hash: str) -> str:
@@ -144,14 +150,14 @@ def prepare(root: Path, worktree: Path, run, data_hash: str) -> str:
     preprocessed there. Returns how it got them."""
     import json
 
-    here = root / "data" / "processed"
+    here, there = stage_paths(root, "preprocess")["out"], _processed(worktree)
     meta = json.loads((here / "meta.json").read_text()) if (here / "meta.json").is_file() else {}
     if meta.get("data_hash") == data_hash:
-        shutil.copytree(here, worktree / "data" / "processed")
+        shutil.copytree(here, there)
         return f"data {data_hash[:12]} from {here}"
     _stage(worktree, "fetch")
     _stage(worktree, "preprocess")
-    made = json.loads((worktree / "data/processed/meta.json").read_text())["data_hash"]
+    made = json.loads((there / "meta.json").read_text())["data_hash"]
     if made != data_hash:
         raise CtclabError(f"verify: run {run.run_id} trained on data {data_hash[:12]}, but its params now give data "
                           f"{made[:12]}; cannot verify on other data")
@@ -186,7 +192,8 @@ def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) ->
         for stage in ("train", "evaluate"):
             _stage(worktree, stage)
         rerun = tracking.open_store(store_uri, worktree)
-        again = rerun.record(rerun.checkpoint_run(worktree / "models/best.pt"))
+        models = stage_paths(worktree, "train").get("models", worktree / "models")  # older commits: models/
+        again = rerun.record(rerun.checkpoint_run(models / "best.pt"))
         print(f"verify: re-executed in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         curves = {k: [v for _, v in rerun.metric_history(again.run_id, k)] for k in CURVES}
         recorded_curves = {k: [v for _, v in recorded.metric_history(run.run_id, k)] for k in CURVES}
