@@ -58,3 +58,49 @@ def test_an_unknown_folder_lists_what_it_found(tmp_path):
     assert "no recognised dataset layout (found mfcc/, notes.txt)" in str(err.value)
     with pytest.raises(CtclabError, match="not a folder"):
         layouts.detect(tmp_path / "notes.txt")
+
+
+def documented_layout() -> str:
+    """The layout module src/ctclab/datasets/__init__.py shows, as written there."""
+    import textwrap
+
+    from ctclab import datasets
+
+    doc = datasets.__doc__
+    start = doc.index("    # src/ctclab/datasets/flat_npz.py")
+    return textwrap.dedent(doc[start:doc.index("\n\n", doc.index("return Layout(", start))])
+
+
+def test_a_new_layout_is_one_file_and_the_stages_read_it(tmp_path):
+    import json
+    import shutil
+
+    from project import make_project, stage
+
+    spring = make_spring2022(tmp_path / "spring") / "hw3p2_student_data" / "hw3p2_student_data"
+    flat = tmp_path / "flat"  # the same utterances in the documented example's layout
+    for split in ("train", "dev", "test"):
+        shutil.copytree(spring / split / "mfcc", flat / f"{split}_feats")
+        if split != "test":
+            shutil.copytree(spring / split / "transcript", flat / f"{split}_labels")
+    project = make_project(tmp_path / "p", {"data": {"source": "local", "path": str(flat)}}, git=False)
+    plugin = project / "src/ctclab/datasets/flat_npz.py"
+    plugin.write_text(documented_layout())
+    stage(project, "fetch")
+    stage(project, "preprocess")
+    meta = json.loads((project / "data/processed/meta.json").read_text())
+    assert meta["layout"] == "flat_npz" and meta["submission_format"] == "spring2022"
+    assert meta["utterances"] == {"train": 6, "dev": 6, "test": 6} and meta["labelled"]["test"] is False
+    plugin.unlink()  # without the file the folder is no dataset ctclab knows: one line
+    r = stage(project, "fetch", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no recognised dataset layout" in r.stderr
+
+
+def test_a_submission_format_needs_one_distinct_character_per_class_and_one_meaning():
+    from ctclab.labels import S22_CHARS
+
+    with pytest.raises(CtclabError, match="'short': 3 characters .3 distinct.; expected 41 distinct ones"):
+        layouts.register_format("short", ("id", "x"), ("a", "b", "c"))
+    with pytest.raises(CtclabError, match="'spring2022': registered twice, differently"):
+        layouts.register_format("spring2022", ("index", "label"), S22_CHARS)
+    assert layouts.register_format("spring2022", ("id", "predictions"), S22_CHARS) == layouts.formats()["spring2022"]

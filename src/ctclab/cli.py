@@ -190,6 +190,11 @@ def cmd_predict(a) -> int:
     from .submission import predict
     from .tracking import open_store
 
+    from .errors import CtclabError
+    from .layouts import formats
+
+    if a.format is not None and a.format not in formats():
+        raise CtclabError(f"--format {a.format}: unknown; expected one of {', '.join(formats())}")
     root = repo_root()
     params = load_params(root / "params.yaml")
     recognizer = open_store(params.tracking.uri, root).load_model(a.model)
@@ -235,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="e.g. models:/ctclab-conv_lstm@champion or runs:/<run id>/model")
     p.add_argument("--mfcc", required=True, help="a dataset folder (its test split) or a folder of .npy files")
     p.add_argument("--beam", type=int, help="beam width (default: decode.beam_width)")
-    p.add_argument("--format", choices=["spring2022", "fall2022"], help="CSV format (default: the dataset's)")
+    p.add_argument("--format", help="CSV format: spring2022, fall2022 or one registered in src/ctclab/datasets "
+                                    "(default: the dataset's)")
     p.set_defaults(func=cmd_predict)
     return ap
 

@@ -22,7 +22,6 @@ S22_CHARS = (" ", ".", "a", "A", "h", "o", "w", "y", "b", "c", "d", "D", "e", "r
 F22_CHARS = (" ", "-", "a", "@", "h", "o", "w", "y", "b", "c", "d", "D", "e", "r", "E", "f", "g", "H",
              "i", "I", "j", "k", "l", "m", "n", "G", "O", "Y", "p", "R", "s", "S", "t", "T", "u", "U",
              "v", "W", "?", "z", "Z")
-CHAR_MAPS = {"spring2022": S22_CHARS, "fall2022": F22_CHARS}
 assert len(S22_CHARS) == len(F22_CHARS) == NUM_CLASSES and len(set(S22_CHARS)) == len(set(F22_CHARS)) == NUM_CLASSES
 
 

@@ -20,20 +20,18 @@ from .config import DecodeConfig
 from .data import Shard, shard_folder
 from .errors import CtclabError
 from .inference import decode_shard, decode_split
-from .labels import CHAR_MAPS
 from .metrics import score
 from .results import SUBMIT_DECODER, submit_scores
 
-SUBMISSION_HEADERS = {"spring2022": ("id", "predictions"), "fall2022": ("index", "label")}
-
-
 def submission_csv(hyps: list[list[int]], fmt: str) -> str:
-    chars = CHAR_MAPS[fmt]
+    """A submission in format `fmt` (a name layouts.formats() knows): its header, then one row per
+    utterance, each phoneme one character."""
+    form = layouts.formats()[fmt]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(SUBMISSION_HEADERS[fmt])
+    w.writerow(form.header)
     for i, h in enumerate(hyps):
-        w.writerow([i, "".join(chars[k] for k in h)])
+        w.writerow([i, "".join(form.chars[k] for k in h)])
     return buf.getvalue()
 
 
