@@ -15,9 +15,9 @@ PARAMS = ["features"]
 def main() -> None:
     paths = stage_arguments(__doc__, "raw", "out")
     meta = preprocess(paths.raw, paths.out, load_params().features)
-    counts = ", ".join(f"{n} {s}" for s, n in meta["utterances"].items())
-    print(f"preprocess: {counts} utterances, feature dim {meta['feature_dim']}, "
-          f"{meta['bad_utterances']} bad ({paths.out / 'bad_utterances.json'})")
+    counts = ", ".join(f"{n} {s}" for s, n in meta.utterances.items())
+    print(f"preprocess: {counts} utterances, feature dim {meta.feature_dim}, "
+          f"{meta.bad_utterances} bad ({paths.out / 'bad_utterances.json'})")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_each_check_catches_its_problem_and_skip_keeps_the_rest(s22, tmp_path):
     assert set(found) == set(expected)
     for name, problem in expected.items():
         assert problem in found[name], (name, found[name])
-    assert meta["utterances"]["train"] == 1 and meta["bad_utterances"] == 8
+    assert meta.utterances["train"] == 1 and meta.bad_utterances == 8
     assert Shard(tmp_path / "out" / "train").ids == ["train_0006"]
 
 
@@ -60,19 +60,19 @@ def test_global_normalisation_uses_train_statistics_only(s22, tmp_path):
     np.testing.assert_allclose(np.asarray(train.features).mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(train.features).std(0), 1, atol=1e-3)
     raw_dev = np.load(s22 / "dev" / "mfcc" / f"{dev.ids[0]}.npy")
-    mean, std = np.array(meta["global_stats"]["mean"]), np.array(meta["global_stats"]["std"])
+    mean, std = np.array(meta.global_stats["mean"]), np.array(meta.global_stats["std"])
     np.testing.assert_allclose(dev.item(0)[0], (raw_dev - mean) / std, atol=1e-4)
 
 
 def test_shards_round_trip_and_hash_is_stable(tiny_corpus, tmp_path):
     a = preprocess(tiny_corpus, tmp_path / "a", config("features", normalize="none"))
     b = preprocess(tiny_corpus, tmp_path / "b", config("features", normalize="none"))
-    assert a["data_hash"] == b["data_hash"] and a["layout"] == "ctclab"
+    assert a.data_hash == b.data_hash and a.layout == "ctclab"
     shard = Shard(tmp_path / "a" / "dev")
     x, _ = shard.item(len(shard) - 1)
     np.testing.assert_array_equal(x, np.load(tiny_corpus / "dev" / "mfcc" / f"{shard.ids[-1]}.npy"))
     c = preprocess(tiny_corpus, tmp_path / "c", config("features", normalize="utterance"))
-    assert c["data_hash"] != a["data_hash"]
+    assert c.data_hash != a.data_hash
 
 
 def long_utterances(root, n, frames=3000, dim=40):
@@ -96,7 +96,7 @@ def test_preprocess_memory_does_not_grow_with_the_number_of_utterances(tmp_path,
         meta = preprocess(raw, tmp_path / f"out{n}", config("features", normalize=normalize))
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert meta["frames"]["train"] == 3000 * n
+        assert meta.frames["train"] == 3000 * n
     one_split = 32 * 3000 * 40 * 4  # what holding the 32-utterance train split would take: 15 MB
     assert peaks[32] < 1.3 * peaks[4] + 1_000_000 and peaks[32] < one_split / 4, peaks
 
@@ -107,7 +107,22 @@ def test_zero_frame_utterances_are_reported(s22, tmp_path):
     report = json.loads((tmp_path / "out" / "bad_utterances.json").read_text())
     assert [(r["file"].rsplit("/", 1)[1], r["problem"]) for r in report] == [
         ("train_0003.npy", "0 frames; expected at least one feature frame")]
-    assert meta["utterances"]["train"] == 7
+    assert meta.utterances["train"] == 7
     np.save(s22 / "test" / "mfcc" / "test_0001.npy", np.zeros((0, 13), np.float32))
     with pytest.raises(CtclabError, match="bad test utterances would leave rows out of the submission"):
         preprocess(s22.parents[1], tmp_path / "out2", config("features"))
+
+
+@pytest.mark.parametrize("text", ['{"layout": "ctclab", "feature_dim"', '{"layout": "ctclab"}', "[]"],
+                         ids=["cut short", "keys missing", "not an object"])
+def test_a_damaged_meta_json_is_one_line_naming_the_fix(tmp_path, processed, text):
+    from ctclab.data import read_meta
+
+    shutil.copytree(processed, tmp_path / "p")
+    assert read_meta(tmp_path / "p").feature_dim == 13
+    (tmp_path / "p/meta.json").write_text(text)
+    with pytest.raises(CtclabError) as err:
+        read_meta(tmp_path / "p")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'p/meta.json'}: not a meta.json preprocess wrote") and "\n" not in message
+    assert message.endswith("re-make it with `dvc repro -f preprocess`")

@@ -29,7 +29,7 @@ def test_spring2022_zip_local_fetch_strips_markers_and_keeps_test_order(tmp_path
     archive = zip_folder(src, tmp_path / "11-785-s22-hw3p2.zip")
     layout, meta = fetch_and_preprocess(tmp_path, config("data", source="local", path=str(archive)))
     assert layout.kind == "spring2022" and layout.submission_format == "spring2022"
-    assert meta["feature_dim"] == 13 and meta["utterances"] == {"train": 6, "dev": 6, "test": 6}
+    assert meta.feature_dim == 13 and meta.utterances == {"train": 6, "dev": 6, "test": 6}
     test = Shard(tmp_path / "processed" / "test")
     order = [r.split(",")[0] for r in (layout.root / "test/test_order.csv").read_text().splitlines()[1:]]
     assert test.ids == [Path(o).stem for o in order] and test.ids != sorted(test.ids)
@@ -46,14 +46,14 @@ def test_fall2022_folder_with_28_dim_features(tmp_path, raw_subdir):
     src = make_fall2022(tmp_path / "src", dim=28, raw_subdir=raw_subdir)
     layout, meta = fetch_and_preprocess(tmp_path, config("data", source="local", path=str(src)))
     assert layout.kind == "fall2022" and layout.submission_format == "fall2022"
-    assert meta["feature_dim"] == 28 and meta["bad_utterances"] == 0
+    assert meta.feature_dim == 28 and meta.bad_utterances == 0
     dev = Shard(tmp_path / "processed" / "dev")
     assert dev.feature_dim == 28
     raw = np.load(layout.splits["dev"].transcript_dir / f"{dev.ids[0]}.npy")
     assert raw[0] == "[SOS]" and "[SIL]" in raw
     assert dev.item(0)[1].tolist() == [INDEX["SIL" if s == "[SIL]" else s] for s in raw[1:-1]]
     test = Shard(tmp_path / "processed" / "test")
-    assert test.ids == sorted(test.ids) and meta["labelled"]["test"] is False
+    assert test.ids == sorted(test.ids) and meta.labelled["test"] is False
 
 
 def test_kaggle_fetch_downloads_and_extracts(tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_kaggle_fetch_downloads_and_extracts(tmp_path, monkeypatch):
             Path(path, f"{competition}.zip").write_bytes(archive.read_bytes())
 
     layout, meta = fetch_and_preprocess(tmp_path, config("data", source="kaggle"), kaggle_api=FakeApi())
-    assert layout.kind == "spring2022" and meta["utterances"]["train"] == 6
+    assert layout.kind == "spring2022" and meta.utterances["train"] == 6
     assert not (tmp_path / "raw.download").exists()
 
 

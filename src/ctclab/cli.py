@@ -73,17 +73,18 @@ def _training_run(root: Path, checkpoint: Path) -> str:
 
 def summary(root: Path, times: dict[str, float | None], total: float) -> str:
     """What `ctclab run` made, read from the files at the paths dvc.yaml's commands give."""
+    from .data import read_meta
     from .project import stage_paths
     from .results import TrainSummary, describe_eval, describe_test
 
     lines = ["", "── ctclab summary " + "─" * 40]
     prep, train_at, eval_at, submit_at = (stage_paths(root, s) for s in ("preprocess", "train", "evaluate", "submit"))
-    meta = _read_json(prep["out"] / "meta.json")
-    if meta:
-        counts = ", ".join(f"{meta['utterances'][s]} {s}" for s in ("train", "dev", "test"))
-        lines.append(f"data       {prep['raw'].relative_to(root)} ({meta['layout']} layout) → "
-                     f"{prep['out'].relative_to(root)}: {counts} utterances, feature dim {meta['feature_dim']}, "
-                     f"{meta['bad_utterances']} bad")
+    if (prep["out"] / "meta.json").is_file():
+        meta = read_meta(prep["out"])
+        counts = ", ".join(f"{meta.utterances[s]} {s}" for s in ("train", "dev", "test"))
+        lines.append(f"data       {prep['raw'].relative_to(root)} ({meta.layout} layout) → "
+                     f"{prep['out'].relative_to(root)}: {counts} utterances, feature dim {meta.feature_dim}, "
+                     f"{meta.bad_utterances} bad")
     for stage, seconds in times.items():
         lines.append(f"stage      {stage:<11} {'cached' if seconds is None else f'{seconds:6.1f} s'}")
     train = _read_json(train_at["metrics"] / "train.json")

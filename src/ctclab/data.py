@@ -11,6 +11,7 @@ training memory-maps a handful of files instead of opening thousands:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from . import layouts, storage
 from .config import FeaturesConfig
 from .errors import CtclabError
 from .labels import INDEX
+from .results import DataMeta
 
 SPLITS = ("train", "dev", "test")
 
@@ -145,7 +147,7 @@ def _check_usable(raw, out: Path, data: dict, report: list) -> None:
                               f"see {out / 'bad_utterances.json'}")
 
 
-def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
+def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> DataMeta:
     """Validate, normalise and shard every split of the dataset under `raw`; return the meta dict.
     Streams: one utterance in memory at a time. The bad-utterance report is written even when
     `cfg.on_bad == 'fail'` stops the stage."""
@@ -169,17 +171,29 @@ def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> dict:
     normalise = normaliser(cfg.normalize, stats)
     for split in SPLITS:
         _write_shard(out / split, data[split], dim, normalise)
-    meta = {
-        "layout": layout.kind, "submission_format": layout.submission_format, "feature_dim": dim,
-        "normalize": cfg.normalize, "global_stats": stats,
-        "utterances": {s: len(data[s]) for s in SPLITS},
-        "frames": {s: int(sum(u.frames for u in data[s])) for s in SPLITS},
-        "labelled": {s: bool(sum(len(u.labels) for u in data[s])) for s in SPLITS},
-        "bad_utterances": len(report),
-        "data_hash": storage.sha256_files(out, [f"{s}/{f}" for s in SPLITS for f in SHARD_FILES]),
-    }
-    storage.write_json(out / "meta.json", meta)
+    meta = DataMeta(
+        layout=layout.kind, submission_format=layout.submission_format, feature_dim=dim,
+        normalize=cfg.normalize, global_stats=stats,
+        utterances={s: len(data[s]) for s in SPLITS},
+        frames={s: int(sum(u.frames for u in data[s])) for s in SPLITS},
+        labelled={s: bool(sum(len(u.labels) for u in data[s])) for s in SPLITS},
+        bad_utterances=len(report),
+        data_hash=storage.sha256_files(out, [f"{s}/{f}" for s in SPLITS for f in SHARD_FILES]),
+    )
+    storage.write_json(out / "meta.json", dataclasses.asdict(meta))
     return meta
+
+
+def read_meta(folder: str | Path) -> DataMeta:
+    """A preprocessed folder's meta.json; missing or unreadable is one line with the fix."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise CtclabError(f"{path}: missing; run the preprocess stage first (dvc repro preprocess)")
+    try:
+        return DataMeta(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:  # cut short, not JSON, or other keys
+        raise CtclabError(f"{path}: not a meta.json preprocess wrote ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}); re-make it with `dvc repro -f preprocess`") from None
 
 
 SHARD_FILES = ("features.npy", "frame_offsets.npy", "labels.npy", "label_offsets.npy", "ids.json")

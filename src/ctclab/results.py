@@ -5,6 +5,7 @@
     evaluation          eval_scores(): metrics/eval.json (dev_lev_<decoder>, dev_per_<decoder>), and in
                         MLflow the same keys behind `eval_`, with decode_<decoder>_utterances_per_second
     test scores         submit_scores(): metrics/submit.json and MLflow (test_lev_beam, test_per_beam)
+    the data            DataMeta: data/processed/meta.json (what preprocess made; ctclab.data reads it)
 
 A decoder registered in ctclab.decode gets its keys from `lev` and `per`, so a new decoder's scores
 appear in eval.json and MLflow with nothing else edited. Tracking's curves, verify's checks, the
@@ -22,6 +23,25 @@ DEV, TEST = "dev", "test"
 # The decoder that scores every epoch (and so picks models/best.pt) and the one submissions use.
 EPOCH_DECODER, SUBMIT_DECODER = "greedy", "beam"
 EVAL = "eval_"  # MLflow's name for an eval.json key: eval_<key>
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    """data/processed/meta.json: what preprocess made of the raw data."""
+    layout: str                   # the detected layout's registered name (ctclab.layouts)
+    submission_format: str        # the CSV format submissions take (ctclab.layouts.formats)
+    feature_dim: int
+    normalize: str                # features.normalize as applied
+    global_stats: dict | None     # per-dimension train mean and std (normalize: global), else None
+    utterances: dict[str, int]    # per split
+    frames: dict[str, int]        # per split
+    labelled: dict[str, bool]     # per split: transcripts present (test is scored only when it is)
+    bad_utterances: int           # left out, listed in bad_utterances.json
+    data_hash: str                # sha256 of the shards: the data's identity in runs and resume
+
+    def profile(self) -> dict:
+        """What MLflow's dataset view shows of it."""
+        return {k: getattr(self, k) for k in ("layout", "feature_dim", "utterances", "frames", "normalize", "data_hash")}
 
 
 def lev(split: str, decoder: str) -> str:

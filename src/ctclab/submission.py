@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from . import kaggle, layouts, storage, tracking
 from .config import DecodeConfig
-from .data import Shard, shard_folder
+from .data import Shard, read_meta, shard_folder
 from .errors import CtclabError
 from .inference import decode_shard, decode_split
 from .metrics import score
@@ -60,13 +59,13 @@ def predict(recognizer, folder: str | Path, beam_width: int, workers: int, fmt: 
 def submit(cfg: DecodeConfig, upload: bool, competition: str, data_dir: str | Path, models_dir: str | Path,
            out_path: str | Path, metrics_dir: str | Path, root=".", kaggle_api=None, tracking_uri: str = "") -> dict:
     data_dir, models_dir, out_path = Path(data_dir), Path(models_dir), Path(out_path)
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = read_meta(data_dir)
     test = Shard(data_dir / "test")
     _, hyps, _ = decode_split(models_dir / "best.pt", test, cfg, [SUBMIT_DECODER])
-    write_submission(out_path, hyps[SUBMIT_DECODER], meta["submission_format"])
-    result = {"rows": len(test), "format": meta["submission_format"], "beam_width": cfg.beam_width}
+    write_submission(out_path, hyps[SUBMIT_DECODER], meta.submission_format)
+    result = {"rows": len(test), "format": meta.submission_format, "beam_width": cfg.beam_width}
     # the embedded corpus has test transcripts: score them too
-    scores = submit_scores(score(hyps[SUBMIT_DECODER], test.references())) if meta["labelled"]["test"] else {}
+    scores = submit_scores(score(hyps[SUBMIT_DECODER], test.references())) if meta.labelled["test"] else {}
     storage.write_json(Path(metrics_dir) / "submit.json", {**result, **scores})
     store = tracking.open_store(tracking_uri, root)
     run_id = store.checkpoint_run(models_dir / "best.pt")

@@ -27,11 +27,11 @@ import torch
 from . import checkpoint, distributed, models, provenance, storage, tracking
 from .batching import bucket_batches, feasible
 from .config import Params, flatten
-from .data import Shard
+from .data import Shard, read_meta
 from .errors import CtclabError
 from .inference import device_name, evaluate_split, load_model, select_device
 from .metrics import score
-from .results import EPOCH_DECODER, HISTORY_COLUMNS, TIMING, EpochRow, TrainSummary
+from .results import EPOCH_DECODER, HISTORY_COLUMNS, TIMING, DataMeta, EpochRow, TrainSummary
 from .trainer import Trainer
 
 TRACKED_SECTIONS = ("data", "features", "model", "train", "tracking")
@@ -46,13 +46,6 @@ def seed_everything(seed: int, device: torch.device) -> None:
     else:
         # Every bucketed batch has its own length, so autotuning per shape would cost more than it saves.
         torch.backends.cudnn.benchmark = False
-
-
-def read_meta(data_dir: Path) -> dict:
-    meta_path = data_dir / "meta.json"
-    if not meta_path.is_file():
-        raise CtclabError(f"{meta_path}: missing; run the preprocess stage first (dvc repro preprocess)")
-    return json.loads(meta_path.read_text())
 
 
 def trainable(train_set: Shard, dev_set: Shard, model: models.CTCModel, data_dir: Path) -> tuple[np.ndarray, dict]:
@@ -134,7 +127,7 @@ def summarize(history: list[dict], parameters: int, infeasible: dict) -> TrainSu
 
 
 def write_outputs(history: list[dict], summary: TrainSummary, run: tracking.RunLog, out_dir: Path, metrics_dir: Path,
-                  meta: dict) -> None:
+                  meta: DataMeta) -> None:
     storage.write_json(metrics_dir / "train.json", asdict(summary))
     storage.write_text(metrics_dir / "train_history.csv", ",".join(HISTORY_COLUMNS) + "\n" + "".join(
         ",".join(str(r[k]) for k in HISTORY_COLUMNS) + "\n" for r in history))
@@ -144,9 +137,9 @@ def write_outputs(history: list[dict], summary: TrainSummary, run: tracking.RunL
     run.log_artifact(out_dir / "best.pt", "checkpoints")
     run.log_artifact(out_dir / "last.pt", "checkpoints")
     best = load_model(out_dir / "best.pt")
-    recognizer = models.Recognizer(best, meta["normalize"], meta["global_stats"])
-    run.log_model(recognizer, {"features": {"normalize": meta["normalize"]}, "best_epoch": summary.best_epoch,
-                               "data_hash": meta["data_hash"], "submission_format": meta["submission_format"]},
+    recognizer = models.Recognizer(best, meta.normalize, meta.global_stats)
+    run.log_model(recognizer, {"features": {"normalize": meta.normalize}, "best_epoch": summary.best_epoch,
+                               "data_hash": meta.data_hash, "submission_format": meta.submission_format},
                   best.input_dim, best.num_classes)
 
 
@@ -161,11 +154,10 @@ def run_identity(params: Params) -> tuple[str, str]:
     return os.environ.get("DVC_EXP_NAME") or f"{params.model.arch}{f'-h{hidden}' if hidden else ''}-s{seed}", ""
 
 
-def data_input(params: Params, meta: dict, data_dir: Path) -> tracking.DataInput:
+def data_input(params: Params, meta: DataMeta, data_dir: Path) -> tracking.DataInput:
     d = params.data
     name = {"synthetic": "ctclab-synthetic", "kaggle": d.competition}.get(d.source) or Path(d.path).name
-    profile = {k: meta[k] for k in ("layout", "feature_dim", "utterances", "frames", "normalize", "data_hash")}
-    return tracking.DataInput(name, meta["data_hash"][:12], str(data_dir.resolve()), profile)
+    return tracking.DataInput(name, meta.data_hash[:12], str(data_dir.resolve()), meta.profile())
 
 
 @dataclass
@@ -230,7 +222,7 @@ class Training:
         return dev_loss, s.mean_distance, s.per
 
 
-def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Training, dict, dict]:
+def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Training, DataMeta, dict]:
     """Seeded model, Trainer and data — resumed from the resume slot when one matches. Under DDP
     rank 0 reads the slot and every rank resumes from its broadcast copy (no shared disk)."""
     cfg = params.train
@@ -244,7 +236,7 @@ def setup(params: Params, data_dir: Path, out_dir: Path, root: Path) -> tuple[Tr
     if cfg.compile:
         model.compile_parts()
     trainer = Trainer(model, cfg, device, len(data.batches(cfg, 0, group.world)), group)
-    fingerprint = checkpoint.fingerprint(params, meta["data_hash"], f"{device.type}:{trainer.dtype}")
+    fingerprint = checkpoint.fingerprint(params, meta.data_hash, f"{device.type}:{trainer.dtype}")
     resume_path = root / checkpoint.RESUME_DIR / f"{fingerprint}.pt"
     saved = group.broadcast(checkpoint.load_resume(resume_path) if cfg.resume == "auto" and group.main else None)
     if saved is not None:
@@ -283,12 +275,12 @@ def follow(t: Training, infeasible: dict) -> tuple[TrainSummary, str]:
     return summarize(t.progress.history, models.parameter_count(t.trainer.model), infeasible), t.progress.run_id
 
 
-def lead(t: Training, params: Params, meta: dict, infeasible: dict, data_dir: Path, out_dir: Path,
+def lead(t: Training, params: Params, meta: DataMeta, infeasible: dict, data_dir: Path, out_dir: Path,
          metrics_dir: Path, root: Path, progress: bool) -> tuple[TrainSummary, str]:
     """Rank 0 (the only process without DDP): the training, its MLflow run and its files."""
     trainer, state = t.trainer, t.progress
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
-    tags = {**provenance.tags(root, meta["data_hash"], str(trainer.device), device_name(trainer.device)),
+    tags = {**provenance.tags(root, meta.data_hash, str(trainer.device), device_name(trainer.device)),
             "parameter_count": models.parameter_count(trainer.model), "amp_dtype": str(trainer.dtype),
             "world_size": trainer.group.world, **{f"infeasible_{k}": v for k, v in infeasible.items()}}
     if params.study.name:

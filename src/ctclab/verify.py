@@ -148,16 +148,15 @@ def _processed(worktree: Path) -> Path:
 def prepare(root: Path, worktree: Path, run, data_hash: str) -> str:
     """Data for the worktree: this repository's shards when their hash matches, else fetched and
     preprocessed there. Returns how it got them."""
-    import json
+    from .data import read_meta
 
     here, there = stage_paths(root, "preprocess")["out"], _processed(worktree)
-    meta = json.loads((here / "meta.json").read_text()) if (here / "meta.json").is_file() else {}
-    if meta.get("data_hash") == data_hash:
+    if (here / "meta.json").is_file() and read_meta(here).data_hash == data_hash:
         shutil.copytree(here, there)
         return f"data {data_hash[:12]} from {here}"
     _stage(worktree, "fetch")
     _stage(worktree, "preprocess")
-    made = json.loads((there / "meta.json").read_text())["data_hash"]
+    made = read_meta(there).data_hash
     if made != data_hash:
         raise CtclabError(f"verify: run {run.run_id} trained on data {data_hash[:12]}, but its params now give data "
                           f"{made[:12]}; cannot verify on other data")
