@@ -53,19 +53,18 @@ def test_shapes_and_output_lengths(arch, stride):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loss_decreases_on_a_fixed_batch(arch):
+    """Every architecture learns through the product's own training step (ctclab.trainer)."""
+    from ctclab.batching import Batch
+    from ctclab.trainer import Trainer
+    from project import config
+
     torch.manual_seed(0)
     model = build(without_dropout(arch), input_dim=13)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    trainer = Trainer(model, config("train", lr=3e-3, device="cpu"), torch.device("cpu"), steps_per_epoch=25)
     x, lengths, targets, target_lengths = fixed_batch()
-    ctc = nn.CTCLoss(blank=0)
-    losses = []
-    for _ in range(25):
-        log_probs, out_lengths = model(x, lengths)
-        loss = ctc(log_probs.transpose(0, 1), targets, out_lengths, target_lengths)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    labels = [t.tolist() for t in torch.split(targets, target_lengths.tolist())]
+    model.train()
+    losses = [trainer.step(Batch(x, lengths, targets, target_lengths, labels)).item() / len(labels) for _ in range(25)]
     assert losses[-1] < 0.7 * losses[0], losses
 
 
