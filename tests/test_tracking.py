@@ -71,6 +71,7 @@ def test_training_run_logs_once_and_a_resumed_run_is_the_same_run(tmp_path, stor
     assert r.data.params == {"model.hidden": "8", "train.seed": "1"}  # not overwritten on resume
     assert r.data.tags["device"] == "cpu" and r.data.tags["parameter_count"] == "42"
     assert r.info.run_name == "conv_lstm-h8-s1"
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(r.data.tags)  # the UI's User and Source
     assert [(m.step, m.value) for m in client.get_metric_history(first, "dev_loss")] == [(1, 2.0), (2, 1.0)]
     freeze = client.download_artifacts(first, "environment/pip-freeze.txt", str(tmp_path))
     assert "mlflow==" in Path(freeze).read_text()

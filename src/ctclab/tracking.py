@@ -31,6 +31,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking.context.registry import resolve_tags
 
 from . import provenance, storage
 from .errors import CtclabError
@@ -146,7 +147,8 @@ class Store:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = RunLog(self, self.client.create_run(exp_id, run_name=run_name).info.run_id)
         run.log_params(params)
-        run.set_tags(tags)
+        # with the tags MLflow's own runs carry (user, source script and type), as the UI's columns expect
+        run.set_tags(resolve_tags(tags))
         run.log_text(provenance.pip_freeze(), "environment/pip-freeze.txt")
         if tags.get("git_dirty") == "true":
             run.log_text(provenance.git_diff(self.root), "environment/git.diff")
@@ -423,8 +425,9 @@ class RunLog:
         # so `mlflow.pyfunc` and `mlflow models serve` could not call the model
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, input_dim))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes))]))
+        source = {k: v for k, v in run.data.tags.items() if k.startswith("mlflow.source.") or k == "mlflow.user"}
         logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=self.run_id,
-                                            params=dict(run.data.params))
+                                            params=dict(run.data.params), tags=source)
         client.log_outputs(self.run_id, [mlflow.entities.LoggedModelOutput(logged.model_id, step=0)])
         card = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=self.run_id,
                      metadata=metadata, model_id=logged.model_id)
