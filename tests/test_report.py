@@ -1,7 +1,7 @@
 """Report pieces on hand-made runs: per-seed values, Holm-adjusted verdicts, whether timings compare."""
 import pytest
 
-from ctclab import report, tracking
+from ctclab import report, study_runs, tracking
 from ctclab.studies import Study
 
 
@@ -73,7 +73,7 @@ def test_studies_recorded_before_study_experiments_still_report(tmp_path):
 
     project = make_project(tmp_path / "p", git=False)
     store = f"sqlite:///{project / 'mlflow.db'}"
-    parent = tracking.open_store(store, project).create_parent("ctclab", "s", False, "s", "q?", "")
+    parent = study_runs.create_parent(tracking.open_store(store, project), "ctclab", "s", False, "s", "q?", "")
     client = mlflow.MlflowClient(store)
     for variant, value in (("a", 2.0), ("b", 3.0)):
         child = client.create_run(parent.experiment_id, tags={"mlflow.parentRunId": parent.run_id, "variant": variant,

@@ -1,10 +1,10 @@
-"""MLflow tracking: where the store is, training runs and their resumption, study parent/child runs."""
+"""MLflow tracking: where the store is, training runs and their resumption, study parent/child runs (ctclab.study_runs)."""
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from ctclab import provenance, tracking
+from ctclab import provenance, study_runs, tracking
 from ctclab.errors import CtclabError
 
 
@@ -117,23 +117,24 @@ def test_provenance_names_commit_dirt_and_versions(tmp_path):
 
 
 def test_study_parent_and_child_runs(tmp_path, store):
-    assert store.find_parent("s/kaiming", "kaiming", smoke=True) is None
-    parent = store.create_parent("s/kaiming", "kaiming", True, "kaiming (smoke)", "q?", "name: k\n")
-    assert store.find_parent("s/kaiming", "kaiming", smoke=True) == parent
-    assert store.find_parent("s/kaiming", "kaiming", smoke=False) is None
+    assert study_runs.find_parent(store, "s/kaiming", "kaiming", smoke=True) is None
+    parent = study_runs.create_parent(store, "s/kaiming", "kaiming", True, "kaiming (smoke)", "q?", "name: k\n")
+    assert study_runs.find_parent(store, "s/kaiming", "kaiming", smoke=True) == parent
+    assert study_runs.find_parent(store, "s/kaiming", "kaiming", smoke=False) is None
+    assert store.record(parent.run_id).status == "FINISHED"
     labels = {"study": "kaiming", "variant": "on", "seed": "0"}
     # the variant's own training: a child of the parent, in the parent's experiment
     with store.training_run("s", None, {"model.kaiming": True}, {"parameter_count": 7, **labels}, "on-s0",
                             parent.run_id) as run:
         for epoch, v in ((1, 5.0), (2, 3.0)):
             run.log_metrics({"dev_lev_greedy": v, "epoch_seconds": 10.0}, step=epoch)
-    assert store.is_study_child(run.run_id, parent.run_id, labels)
-    assert not store.is_study_child(run.run_id, parent.run_id, {**labels, "variant": "off"})
+    assert study_runs.is_child(store, run.run_id, parent.run_id, labels)
+    assert not study_runs.is_child(store, run.run_id, parent.run_id, {**labels, "variant": "off"})
     [own] = parent.children()
     assert own.run_id == run.run_id and store.client.get_run(run.run_id).info.experiment_id == parent.experiment_id
     # another variant evaluating the same trained model gets a child run of its own
-    child = store.log_study_child(run.run_id, parent.run_id, {**labels, "variant": "b8"},
-                                  {"decode.beam_width": 8}, {"eval_dev_lev_beam": 2.5}, {"evaluate/worst.tsv": "id\n"})
+    child = study_runs.log_child(store, run.run_id, parent.run_id, {**labels, "variant": "b8"},
+                                 {"decode.beam_width": 8}, {"eval_dev_lev_beam": 2.5}, {"evaluate/worst.tsv": "id\n"})
     record = next(r for r in parent.children() if r.run_id == child)
     assert record.status == "FINISHED" and record.tags["variant"] == "b8" and record.tags["training_run_id"] == run.run_id
     assert record.params == {"model.kaiming": "True", "decode.beam_width": "8"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import storage, tracking
+from . import storage, study_runs, tracking
 from .config import DecodeConfig, StudyConfig
 from .data import Shard
 from .decoders import available
@@ -49,9 +49,9 @@ def evaluate(cfg: DecodeConfig, data_dir: str | Path, models_dir: str | Path, me
     scores = {**{EVAL + k: v for k, v in result.items()}, **speed}
     decode_tags = {"decode.beam_width": cfg.beam_width, "decode.workers": cfg.workers}
     labels = {"study": study.name, "variant": study.variant, "seed": str(seed)} if study is not None and study.name else {}
-    if labels and not store.is_study_child(run_id, study.parent_run_id, labels):
+    if labels and not study_runs.is_child(store, run_id, study.parent_run_id, labels):
         # the trained model came from another variant's training (DVC's run cache): a child run of its own
-        store.log_study_child(run_id, study.parent_run_id, labels, decode_tags, scores, table)
+        study_runs.log_child(store, run_id, study.parent_run_id, labels, decode_tags, scores, table)
         return result
     with store.continue_run(run_id) as run:
         run.log_metrics(scores)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from . import storage, tracking
+from . import storage, study_runs, tracking
 from .errors import CtclabError
 from .results import SELECT_BY, SUBMIT_DECODER, TRAIN_SECONDS, decode_speed
 from .studies import Study, Variant, finished, parent_run, score
@@ -106,7 +106,7 @@ def latest_by_variant(study: Study, runs: list[tracking.RunRecord]) -> dict[str,
     return by_variant
 
 
-def _header(study: Study, smoke: bool, parent: tracking.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
+def _header(study: Study, smoke: bool, parent: study_runs.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
     lines = [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
              f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{parent.run_id}` "
              f"in experiment `{parent.experiment_id}`: {parent.ui_address()}.", ""]

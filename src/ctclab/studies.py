@@ -34,7 +34,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import config, models, tracking
+from . import config, models, study_runs, tracking
 from .decoders import available
 from .errors import CtclabError
 from .results import DEV, EVAL, SUBMIT_DECODER, eval_metrics, lev, recorded
@@ -156,21 +156,21 @@ def _yaml_value(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def parent_run(study: Study, smoke: bool, root: Path, create: bool = True) -> tracking.ParentRun:
+def parent_run(study: Study, smoke: bool, root: Path, create: bool = True) -> study_runs.ParentRun:
     """The study's MLflow parent run in the study's experiment (found by tags, created if asked).
     A report also finds parents recorded before studies had experiments of their own."""
     t = config.load_params(root / "params.yaml").tracking
     store, experiment = tracking.open_store(t.uri, root), study.experiment(t.experiment, smoke)
-    found = store.find_parent(experiment, study.name, smoke)
+    found = study_runs.find_parent(store, experiment, study.name, smoke)
     if found is None and not create:
-        found = store.find_parent(t.experiment, study.name, smoke)
+        found = study_runs.find_parent(store, t.experiment, study.name, smoke)
     if found is not None:
         return found
     if not create:
         raise CtclabError(f"{study.path}: no MLflow runs for study {study.name!r}"
                           f"{' (smoke)' if smoke else ''}; run `ctclab study run {study.path}` first")
     text = Path(study.path).read_text() if study.path else ""
-    return store.create_parent(experiment, study.name, smoke, study.parent_name(smoke), study.question, text)
+    return study_runs.create_parent(store, experiment, study.name, smoke, study.parent_name(smoke), study.question, text)
 
 
 def score(child: tracking.RunRecord, metric: str) -> float | None:
@@ -183,7 +183,7 @@ def finished(child: tracking.RunRecord, metric: str) -> bool:
     return child.status == "FINISHED" and score(child, metric) is not None
 
 
-def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent: tracking.ParentRun):
+def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent: study_runs.ParentRun):
     """Queue every variant × seed without a finished child run; return (queued, skipped) names.
     One still queued or running from an interrupted `ctclab study run` is waited for, not queued again."""
     done = {(c.tags.get("variant"), c.tags.get("seed")) for c in parent.children() if finished(c, study.metric)}

@@ -1,6 +1,6 @@
 """MLflow, and only here: a tracking store as an object (`open_store`), training runs,
-evaluation logging, study parent and child runs, the model registry, and reading runs back for
-reports and verify. Every other module calls these.
+evaluation logging, the model registry, and reading and copying runs for the studies
+(ctclab.study_runs), reports and verify. Every other module calls these.
 
 A `Store` holds its URI and its own MlflowClient; nothing here sets MLflow's global tracking URI
 or starts a fluent run, so two stores (verify's and the project's) never see each other's state.
@@ -25,7 +25,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -36,7 +36,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from . import provenance, storage
 from .errors import CtclabError
 from .project import real_root
-from .results import CURVES, EPOCH_SECONDS, TRAIN_SECONDS
+from .results import EPOCH_SECONDS
 
 SERVER_TIMEOUT_S = 10
 # What a tracking server that went away raises (after MLflow's retries, which open_store() shortens).
@@ -88,11 +88,12 @@ class RunRecord:
     params: dict
     metrics: dict
     tags: dict
+    experiment_id: str = ""
 
 
 def _record(run) -> RunRecord:
     return RunRecord(run.info.run_id, run.info.status, run.info.start_time, dict(run.data.params),
-                     dict(run.data.metrics), dict(run.data.tags))
+                     dict(run.data.metrics), dict(run.data.tags), run.info.experiment_id)
 
 
 def _now_ms() -> int:
@@ -158,8 +159,43 @@ class Store:
         """Log into a finished run again (evaluate and submit log into the training's run)."""
         return RunLog(self, run_id, resumed=True, system_metrics=False)
 
+    def create_run(self, experiment_id: str, run_name: str, tags: dict) -> "RunLog":
+        """A run logged into directly (no system metrics); `end` it."""
+        return RunLog(self, self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id,
+                      system_metrics=False)
+
+    def find_experiment(self, experiment: str) -> str | None:
+        exp = self.client.get_experiment_by_name(experiment)
+        return exp.experiment_id if exp is not None else None
+
+    def search(self, experiment_id: str, filter_string: str, oldest_first: bool = False,
+               max_results: int = 5000) -> list[RunRecord]:
+        runs = self.client.search_runs([experiment_id], filter_string, max_results=max_results,
+                                       order_by=["attributes.start_time ASC"] if oldest_first else None)
+        return [_record(r) for r in runs]
+
     def record(self, run_id: str) -> RunRecord:
         return _record(self.client.get_run(run_id))
+
+    def log_artifacts(self, run_id: str, paths: list[Path], folder: str) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    def copy_history(self, from_run_id: str, to_run_id: str, keys) -> None:
+        """These metrics' whole histories (steps and timestamps) from one run into another."""
+        history = [Metric(key, m.value, m.timestamp, m.step)
+                   for key in keys for m in self.client.get_metric_history(from_run_id, key)]
+        self.client.log_batch(to_run_id, metrics=history)
+
+    def copy_inputs(self, from_run_id: str, to_run_id: str) -> None:
+        """The datasets a run read and the model it logged, as inputs of another run."""
+        source = self.client.get_run(from_run_id)
+        model_id = _model_id(source)
+        self.client.log_inputs(to_run_id, datasets=list(source.inputs.dataset_inputs) if source.inputs else None,
+                               models=[mlflow.entities.LoggedModelInput(model_id)] if model_id else None)
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
@@ -262,88 +298,6 @@ class Store:
         if len(found) == 1:
             return self.client.get_logged_model(found[0]).artifact_location
         return self.client.get_model_version_download_uri(*found)
-
-    # --- studies: a parent run per study, a child run per variant × seed --------------------------
-    def find_parent(self, experiment: str, study: str, smoke: bool) -> "ParentRun | None":
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            return None
-        found = self.client.search_runs(
-            [exp.experiment_id], f"tags.ctclab_study_parent = '{study}' and tags.smoke = '{str(smoke).lower()}'",
-            order_by=["attributes.start_time ASC"], max_results=1)
-        return ParentRun(found[0].info.run_id, exp.experiment_id, self) if found else None
-
-    def create_parent(self, experiment: str, study: str, smoke: bool, run_name: str, question: str,
-                      study_yaml: str) -> "ParentRun":
-        exp_id = self.experiment_id(experiment)
-        run = self.client.create_run(exp_id, run_name=run_name,
-                                     tags={"ctclab_study_parent": study, "study": study, "smoke": str(smoke).lower(),
-                                           "question": question})
-        self.client.log_text(run.info.run_id, study_yaml, "study.yaml")
-        self.client.set_terminated(run.info.run_id)
-        # Two machines sharing a server may both have found no parent and created one: every study run
-        # settles on the earliest, and a later duplicate is deleted, so all seeds gather under one parent.
-        earliest = self.find_parent(experiment, study, smoke)
-        if earliest is not None and earliest.run_id != run.info.run_id:
-            self.client.delete_run(run.info.run_id)
-            return earliest
-        return ParentRun(run.info.run_id, exp_id, self)
-
-    def is_study_child(self, run_id: str, parent_run_id: str, labels: dict) -> bool:
-        """Whether a training run is the study child for these labels (study, variant, seed)."""
-        tags = self.client.get_run(run_id).data.tags
-        return tags.get("mlflow.parentRunId") == parent_run_id and all(tags.get(k) == v for k, v in labels.items())
-
-    def log_study_child(self, training_run_id: str, parent_run_id: str, labels: dict, extra_params: dict,
-                        metrics: dict, texts: dict[str, str]) -> str:
-        """A child run under the study's parent for a variant × seed whose training run belongs to
-        another variant (a beam-width study trains once per seed, and DVC's run cache hands the
-        trained model to every variant): the training's params, learning curves, provenance tags,
-        dataset and model, plus this evaluation."""
-        client = self.client
-        parent, training = client.get_run(parent_run_id), client.get_run(training_run_id)
-        tags = {k: v for k, v in training.data.tags.items()
-                if not k.startswith("mlflow.") or k.startswith("mlflow.source.git")}
-        tags.update({"mlflow.parentRunId": parent_run_id, "training_run_id": training_run_id,
-                     "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **labels})
-        child = client.create_run(parent.info.experiment_id, run_name=f"{labels['variant']}-s{labels['seed']}",
-                                  tags=tags)
-        run_id = child.info.run_id
-        params = {**training.data.params, **extra_params}
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        history = []
-        for key in CURVES:  # the learning curves, copied
-            history += [Metric(key, m.value, m.timestamp, m.step) for m in client.get_metric_history(training_run_id, key)]
-        final = {**metrics, TRAIN_SECONDS: self.train_seconds(training_run_id)}
-        history += [Metric(k, float(v), _now_ms(), 0) for k, v in final.items()]
-        client.log_batch(run_id, metrics=history)
-        model_id = _model_id(training)
-        client.log_inputs(run_id, datasets=list(training.inputs.dataset_inputs) if training.inputs else None,
-                          models=[mlflow.entities.LoggedModelInput(model_id)] if model_id else None)
-        for path, text in texts.items():
-            client.log_text(run_id, text, path)
-        client.set_terminated(run_id)
-        return run_id
-
-
-@dataclass(frozen=True)
-class ParentRun:
-    """A study's parent run, in the store that holds it."""
-    run_id: str
-    experiment_id: str
-    store: Store = field(compare=False, repr=False)
-
-    def children(self) -> list[RunRecord]:
-        runs = self.store.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
-                                             max_results=5000)
-        return [_record(r) for r in runs]
-
-    def log_artifacts(self, paths: list[Path], folder: str) -> None:
-        for p in paths:
-            self.store.client.log_artifact(self.run_id, str(p), folder)
-
-    def ui_address(self) -> str:
-        return self.store.ui_address(self.experiment_id)
 
 
 def _model_id(run) -> str | None:
