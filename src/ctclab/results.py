@@ -105,9 +105,11 @@ class TrainSummary:
 
     def tracked(self, train_seconds: float) -> dict[str, float]:
         """What MLflow gets of it when the training ends."""
-        return {BEST: self.dev_lev_greedy, "best_epoch": self.best_epoch, TRAIN_SECONDS: train_seconds}
+        return {BEST: self.dev_lev_greedy, **self.model_metadata(), TRAIN_SECONDS: train_seconds}
 
-
+    def model_metadata(self) -> dict[str, int]:
+        """What the logged MLflow model records of the training that chose it."""
+        return {"best_epoch": self.best_epoch}
 
 
 def eval_scores(scores: dict, beam_width: int) -> dict:

@@ -138,7 +138,7 @@ def write_outputs(history: list[dict], summary: TrainSummary, run: tracking.RunL
     run.log_artifact(out_dir / "last.pt", "checkpoints")
     best = load_model(out_dir / "best.pt")
     recognizer = models.Recognizer(best, meta.normalize, meta.global_stats)
-    run.log_model(recognizer, {"features": {"normalize": meta.normalize}, "best_epoch": summary.best_epoch,
+    run.log_model(recognizer, {"features": {"normalize": meta.normalize}, **summary.model_metadata(),
                                "data_hash": meta.data_hash, "submission_format": meta.submission_format},
                   best.input_dim, best.num_classes)
 
