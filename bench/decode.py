@@ -9,6 +9,7 @@ is the widest beam's speed-up from 2 worker processes over 1 (their outputs must
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def main() -> None:
     one, two = (next(r[2] for r in rows if r[0] == f"fast-ctc-decode b={wide}" and r[1] == w) for w in (1, 2))
     same = "" if not worker_mismatch else ", OUTPUT DIFFERS"
     print(f"decode: {one / two:.2f}x (goal >= 1.8x; beam {wide}, 2 workers vs 1{same})")
+    sys.exit(0 if one / two >= 1.8 and not worker_mismatch else 1)  # a regression fails the run
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +98,9 @@ def main() -> None:
     for name, t in trainers.items():
         speed[name] = frames.sum() / t.seconds
         print(f"{name:<16}{len(loaders[name]):>9}{1 - frames.sum() / t.padded:>11.1%}{t.seconds:>10.1f}{speed[name]:>11.0f}")
-    print(f"\nloader: {speed['bucketed'] / speed['naive shuffled']:.2f}x (goal >= 2.0x)")
+    ratio = speed["bucketed"] / speed["naive shuffled"]
+    print(f"\nloader: {ratio:.2f}x (goal >= 2.0x)")
+    sys.exit(0 if ratio >= 2.0 else 1)  # a regression fails the run
 
 
 if __name__ == "__main__":

@@ -207,6 +207,7 @@ def main() -> None:
         print(f"{store:<15}{args.epochs:>8}{np.mean(r['off']):>13.3f}{np.mean(r['on']):>12.3f}"
               f"{1000 * np.mean(r['log']):>14.1f}{ratios[store]:>8.3f}{r['one_off']:>17.2f}")
     print(f"\ntracking: {min(ratios.values()):.2f}x (goal >= 0.98x)")
+    sys.exit(0 if min(ratios.values()) >= 0.98 else 1)  # a regression fails the run
 
 
 if __name__ == "__main__":
