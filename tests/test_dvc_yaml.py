@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from ctclab.config import flatten
+from ctclab.project import command_paths
 from project import DEFAULTS, REPO
 
 PACKAGE = REPO / "src" / "ctclab"
@@ -88,8 +89,7 @@ def disagreements(dvc: dict) -> list[str]:
 def path_disagreements(name: str, stage: dict, data_deps: set[str]) -> list[str]:
     """Paths are said once: each one the cmd passes is a dep or out (or holds one), and each data
     dep and out is a path the cmd passes (or inside one): no script reads a path of its own."""
-    words = shlex.split(stage["cmd"])
-    passed = [b for a, b in zip(words, words[1:]) if a.startswith("--")]
+    passed = list(command_paths(shlex.split(stage["cmd"])).values())
     outputs = set(stage.get("outs", [])) | {next(iter(m)) if isinstance(m, dict) else m
                                             for m in stage.get("metrics", []) + stage.get("plots", [])}
 

@@ -18,7 +18,6 @@ markers to strip are common to all; the feature dimension is always read from th
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ import numpy as np
 
 from .errors import CtclabError
 from .labels import F22_CHARS, NUM_CLASSES, S22_CHARS
-from .plugins import claim, import_all
+from .plugins import claim, import_all, is_name
 
 # The file that marks a folder as ctclab's own corpus layout (written by ctclab.corpus).
 CORPUS_MARKER = "ctclab_corpus.json"
@@ -83,7 +82,7 @@ _BUILT_IN = ("ctclab", "spring2022", "fall2022")
 
 def register_layout(kind: str):
     """Function decorator: `detect(folder) -> Layout | None` recognises layout `kind` in one folder."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", kind):
+    if not is_name(kind):
         raise CtclabError(f"layout {kind!r}: expected a lowercase identifier (it is recorded in meta.json)")
 
     def add(detect: Detector) -> Detector:

@@ -24,7 +24,6 @@ backward through packed sequences is far slower; both paths use the same weights
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from .config import ArchConfig, ModelSection, one_line
 from .errors import CtclabError
 from .labels import NUM_CLASSES
-from .plugins import claim, import_all
+from .plugins import claim, import_all, is_name
 
 # Version of what checkpoints record of a model (`CTCModel.spec`); 1 had no number (see legacy_spec).
 SPEC_VERSION = 2
@@ -207,7 +206,7 @@ _REGISTRY: dict[str, tuple[Arch, type]] = {}  # name → (architecture, the clas
 def register(name: str, config: type[ArchConfig]):
     """Class decorator: `model.arch: <name>` builds this CTCModel subclass from a `config` (read from
     params.yaml's model.<name> section)."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ModelSection.model_fields or hasattr(ModelSection, name):
+    if not is_name(name) or name in ModelSection.model_fields or hasattr(ModelSection, name):
         raise CtclabError(f"model.arch {name!r}: expected a lowercase identifier other than "
                           f"{', '.join(ModelSection.model_fields)} (it names params.yaml's model.<name> section)")
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
 
 from .errors import CtclabError
+
+
+def is_name(name: str) -> bool:
+    """A plug-in name that can become a params.yaml section or a recorded value: a lowercase identifier."""
+    return re.fullmatch(r"[a-z][a-z0-9_]*", name) is not None
 
 
 def claim(registry: dict, name: str, entry, made_by, what: str) -> None:

@@ -55,10 +55,14 @@ def stage_command(root: Path, stage: str) -> list[str]:
     return [sys.executable, *args[1:]] if args and args[0] == "python" else args
 
 
+def command_paths(args: list[str]) -> dict[str, str]:
+    """The `--name path` pairs of a stage command's arguments, as written."""
+    return {a[2:]: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+
+
 def stage_paths(root: Path, stage: str) -> dict[str, Path]:
     """The paths a stage's `cmd` passes (`--models models` → {"models": root/models})."""
-    args = stage_command(root, stage)
-    return {a[2:]: Path(root) / b for a, b in zip(args, args[1:]) if a.startswith("--")}
+    return {name: Path(root) / path for name, path in command_paths(stage_command(root, stage)).items()}
 
 
 def stage_arguments(script_doc: str, *names: str) -> argparse.Namespace:

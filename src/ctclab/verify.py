@@ -6,7 +6,8 @@ Reads the run's commit, params, data hash, hardware and package versions (its `p
 temporary git worktree (applying the recorded `git diff` when the tree was dirty), writes the
 recorded params into its params.yaml with a tracking store of its own, takes the data from this
 repository when its hash matches (else fetches and preprocesses there and refuses if the hash
-differs), runs train → evaluate as that commit's dvc.yaml says (its `cmd`, with its paths), and compares the checkpoint's sha256 and the scores. On the same
+differs), runs train → evaluate as that commit's dvc.yaml says (its `cmd`, with its paths), and
+compares the checkpoint's sha256 and the scores. On the same
 hardware (CPU model, torch version and threads, device) everything must be bit-identical; on other
 hardware the scores must agree within TOLERANCE (CPU floats differ across machines). Prints MATCH
 or a table of differences; exits 1 on a mismatch, 2 when it cannot verify.
