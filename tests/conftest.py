@@ -118,10 +118,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _not_ours_to_keep(p) -> bool:
-    """multiprocessing's resource tracker lives as long as this interpreter by design."""
+    """multiprocessing's resource tracker and the forkserver ctclab's worker pools fork from
+    (ctclab.errors.worker_context) live as long as this interpreter by design, and end with it."""
     import psutil
 
     try:
-        return "multiprocessing.resource_tracker" not in " ".join(p.cmdline())
+        command = " ".join(p.cmdline())
     except psutil.NoSuchProcess:
         return False
+    return not any(f"multiprocessing.{keeper}" in command for keeper in ("resource_tracker", "forkserver"))

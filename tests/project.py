@@ -75,10 +75,14 @@ def run_train(project: Path) -> dict:
     and the MLflow run id."""
     from dataclasses import asdict
 
+    import pytest
+
     from ctclab.train import train
 
-    summary, run_id = train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
-                            project / "metrics", root=project, progress=False)
+    with pytest.MonkeyPatch.context() as m:  # the project's own store (mlflow.set_tracking_uri leaves this set)
+        m.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary, run_id = train(load_params(project / "params.yaml"), project / "data/processed", project / "models",
+                                project / "metrics", root=project, progress=False)
     return {**asdict(summary), "mlflow_run_id": run_id}
 
 
@@ -140,6 +144,10 @@ class MlflowServer:
         self.folder, self.port = folder, port or free_port()
         self.uri, self.process = f"http://127.0.0.1:{self.port}", None
 
+    def options(self) -> tuple[list[str], dict]:
+        """Extra `mlflow server` arguments and environment (none for a server without accounts)."""
+        return [], {}
+
     def start(self) -> "MlflowServer":
         import time
 
@@ -147,11 +155,12 @@ class MlflowServer:
 
         assert self.process is None or self.process.poll() is not None, "this server is running already"
 
+        args, extra = self.options()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--workers", "1",
-             "--artifacts-destination", str(self.folder / "server-artifacts")],
-            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             "--artifacts-destination", str(self.folder / "server-artifacts"), *args],
+            env=env(extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -172,6 +181,39 @@ class MlflowServer:
         self.stop()
 
 
+class AuthServer(MlflowServer):
+    """`mlflow server --app-name basic-auth` as the README's team setup runs it: accounts, an admin
+    whose password comes from MLFLOW_AUTH_ADMIN_PASSWORD, READ as the default permission; its auth
+    database under `folder`. The admin's REST calls create users and grant permissions."""
+    ADMIN, ADMIN_PASSWORD = "admin", "admin-password-for-tests"
+
+    def options(self) -> tuple[list[str], dict]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ini = self.folder / "basic_auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.folder / 'auth.db'}\n"
+                       f"admin_username = {self.ADMIN}\nadmin_password = unused-see-environment\n"
+                       "auth_cache_ttl_seconds = 60\n")
+        return ["--app-name", "basic-auth"], {
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": self.ADMIN_PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only-secret", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def admin(self, method: str, endpoint: str, **json) -> dict:
+        import requests
+
+        r = requests.request(method, f"{self.uri}/api/{endpoint}", json=json or None, timeout=30,
+                             auth=(self.ADMIN, self.ADMIN_PASSWORD))
+        r.raise_for_status()
+        return r.json()
+
+    def create_experiment(self, name: str) -> str:
+        return self.admin("POST", "2.0/mlflow/experiments/create", name=name)["experiment_id"]
+
+    def add_user(self, name: str, password: str, experiment_id: str, permission: str) -> None:
+        self.admin("POST", "2.0/mlflow/users/create", username=name, password=password)
+        self.admin("POST", "3.0/mlflow/users/permissions/grant", username=name, resource_type="experiment",
+                   resource_id=experiment_id, permission=permission)
+
+
 def committed_project(dest: Path, overrides: dict | None = None, files: dict[str, str] | None = None) -> Path:
     """A project copy with `files` (relative path → text) added, all committed (studies and verify
     need a clean commit)."""
@@ -187,3 +229,27 @@ def committed_project(dest: Path, overrides: dict | None = None, files: dict[str
 def commit(project: Path, message: str) -> None:
     run(project, "git", "add", "-A")
     run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def survivors(folder: Path, timeout_s: float = 60) -> list[str]:
+    """Processes still running in or on `folder` (cwd or an argument under it) once `timeout_s`
+    has passed without all of them ending; [] as soon as none is left."""
+    import time
+
+    import psutil
+
+    def running() -> list[str]:
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+            info = p.info
+            if info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+                continue
+            where = [info["cwd"] or "", *(info["cmdline"] or [])]
+            if any(str(folder) in w for w in where):
+                found.append(f"{p.pid} {' '.join(info['cmdline'] or [])[:160]}")
+        return found
+
+    deadline = time.monotonic() + timeout_s
+    while (left := running()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

@@ -6,6 +6,8 @@ import sys
 import time
 import urllib.request
 
+import psutil
+
 from project import env, free_port, make_project, run
 
 
@@ -24,14 +26,14 @@ def test_ui_serves_the_project_store(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert status == 200
-    finally:  # the server starts workers of its own: stop the whole process group
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        time.sleep(1)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    finally:  # Ctrl-C, as in a terminal (the whole process group): the server and its workers all end
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(family, timeout=60)
+        for p in alive:
+            p.kill()
+    assert alive == [], [p.pid for p in alive]
 
 
 def test_outside_a_project_is_one_line(tmp_path):

@@ -8,7 +8,7 @@ import yaml
 
 from ctclab.config import flatten, json_schema, load_params
 from ctclab.errors import CtclabError
-from project import DEFAULTS, merge
+from project import DEFAULTS, committed_project, merge, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,96 @@ def test_yaml_12_booleans_like_dvc(tmp_path):
     p.write_text(text.replace("kaiming: true", "kaiming: false"))
     params = load_params(p)
     assert params.study.variant == "off" and params.study.name == "no" and params.model.active.kaiming is False
+
+
+def test_values_mean_what_dvc_reads_written_by_hand_or_by_dvc_exp_run_set(tmp_path):
+    """ctclab and DVC read params.yaml alike (YAML 1.2): by hand `1e-3`, `.5`, `1_000`, `off`; and
+    each value `dvc exp run -S` writes. `dvc params diff` says what DVC read; load_params must agree."""
+    project = committed_project(tmp_path / "p")
+    text = (project / "params.yaml").read_text()
+    for old, new in (("lr: 0.002", "lr: 1e-3"), ("grad_clip: 5.0", "grad_clip: .5"), ("train: 16", "train: 1_000"),
+                     ("variant: ''", "variant: off"), ("amp: auto", "amp: off")):
+        assert old in text
+        text = text.replace(old, new, 1)
+    (project / "params.yaml").write_text(text)
+
+    def dvc_reads() -> dict:
+        diff = json.loads(run(project, sys.executable, "-m", "dvc", "params", "diff", "--json").stdout)
+        return {key: change["new"] for key, change in diff["params.yaml"].items()}
+
+    def ctclab_reads(keys) -> dict:
+        flat = flatten(load_params(project / "params.yaml"))
+        return {key: flat[key] for key in keys}
+
+    by_hand = dvc_reads()
+    assert by_hand == {"train.lr": 0.001, "train.grad_clip": 0.5, "data.synthetic.train": 1000, "study.variant": "off",
+                       "train.amp": "off"}
+    assert ctclab_reads(by_hand) == by_hand
+    run(project, "git", "checkout", "params.yaml")
+    run(project, sys.executable, "-m", "dvc", "exp", "run", "validate", "-S", "train.lr=1e-4", "-S", "train.grad_clip=.25",
+        "-S", "decode.beam_width=1_000", "-S", "study.variant=no", "-S", "study.name=off")
+    by_dvc = dvc_reads()
+    assert by_dvc == {"train.lr": 0.0001, "train.grad_clip": 0.25, "decode.beam_width": 1000, "study.variant": "no",
+                      "study.name": "off"}
+    assert ctclab_reads(by_dvc) == by_dvc
+
+
+def _resolve(node: dict, defs: dict) -> dict:
+    while "$ref" in node or len(node.get("allOf", ())) == 1:
+        node = defs[node["$ref"].split("/")[-1]] if "$ref" in node else node["allOf"][0]
+    return node
+
+
+def numeric_keys() -> dict[str, dict]:
+    """Every number in the repository's params.yaml (the file, not the code, says which keys) with
+    its JSON-schema property: a bound removed from the code disappears from the schema as well."""
+    schema = json_schema()
+
+    def walk(raw: dict, node: dict, prefix: str):
+        node = _resolve(node, schema["$defs"])
+        for key, value in raw.items():
+            prop = _resolve(node["properties"][key], schema["$defs"])
+            if isinstance(value, dict):
+                yield from walk(value, prop, f"{prefix}{key}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield prefix + key, prop
+    return dict(walk(yaml.safe_load((REPO / "params.yaml").read_text()), schema, ""))
+
+
+def test_every_number_in_params_yaml_has_a_range():
+    unbounded = [k for k, prop in numeric_keys().items()
+                 if not {"minimum", "exclusiveMinimum", "enum"} & set(prop)]
+    assert unbounded == [], f"no lower bound (or allowed values) in the schema for {unbounded}"
+
+
+def out_of_range() -> list[tuple[str, object]]:
+    """Each bound of each numeric key, just crossed."""
+    cases = []
+    for key, prop in numeric_keys().items():
+        step = 1 if prop["type"] == "integer" else 0.01
+        if "minimum" in prop:
+            cases.append((key, prop["minimum"] - step))
+        if "exclusiveMinimum" in prop:
+            cases.append((key, prop["exclusiveMinimum"]))
+        if "maximum" in prop:
+            cases.append((key, prop["maximum"] + step))
+        if "exclusiveMaximum" in prop:
+            cases.append((key, prop["exclusiveMaximum"]))
+        if "enum" in prop:
+            cases.append((key, max(prop["enum"]) + 1))
+    return cases
+
+
+@pytest.mark.parametrize("key, value", out_of_range(), ids=lambda v: str(v))
+def test_every_range_is_enforced_in_one_line(tmp_path, key, value):
+    *parents, leaf = key.split(".")
+    data = node = {}
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    with pytest.raises(CtclabError) as err:
+        load_params(write(tmp_path, data))
+    assert f"{key} = {value!r}, expected" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_schema_describes_every_key_and_the_cli_prints_it():

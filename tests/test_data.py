@@ -126,3 +126,22 @@ def test_a_damaged_meta_json_is_one_line_naming_the_fix(tmp_path, processed, tex
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'p/meta.json'}: not a meta.json preprocess wrote") and "\n" not in message
     assert message.endswith("re-make it with `dvc repro -f preprocess`")
+
+
+@pytest.mark.parametrize("name", ["features.npy", "frame_offsets.npy", "labels.npy", "label_offsets.npy", "ids.json"])
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "empty"])
+def test_a_damaged_shard_file_is_one_line_naming_it_and_the_fix(tmp_path, processed, name, damage):
+    import random
+
+    from ctclab.data import Shard
+
+    shutil.copytree(processed / "dev", tmp_path / "dev")
+    path = tmp_path / "dev" / name
+    good = path.read_bytes()
+    path.write_bytes({"cut short": good[: len(good) // 2], "garbage": random.Random(name).randbytes(len(good)),
+                      "empty": b""}[damage])
+    with pytest.raises(CtclabError) as err:
+        Shard(tmp_path / "dev")
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / "dev")) and "\n" not in message
+    assert message.endswith("re-make them with `dvc repro -f preprocess` (or `dvc checkout` if they are cached)")

@@ -90,8 +90,9 @@ def path_disagreements(name: str, stage: dict, data_deps: set[str]) -> list[str]
     """Paths are said once: each one the cmd passes is a dep or out (or holds one), and each data
     dep and out is a path the cmd passes (or inside one): no script reads a path of its own."""
     passed = list(command_paths(shlex.split(stage["cmd"])).values())
-    outputs = set(stage.get("outs", [])) | {next(iter(m)) if isinstance(m, dict) else m
-                                            for m in stage.get("metrics", []) + stage.get("plots", [])}
+    outputs = {next(iter(m)) if isinstance(m, dict) else m
+               for m in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])}
+    data_deps = data_deps - {CHECKED}  # fetch's ordering-only dep on validate (see the next test)
 
     def inside(path: str, folder: str) -> bool:
         return path == folder or path.startswith(folder.rstrip("/") + "/")
@@ -104,6 +105,23 @@ def path_disagreements(name: str, stage: dict, data_deps: set[str]) -> list[str]
 
 def test_dvc_yaml_deps_and_params_match_the_code():
     assert disagreements(yaml.safe_load((REPO / "dvc.yaml").read_text())) == []
+
+
+CHECKED = ".ctclab/params.checked"
+
+
+def test_validate_runs_first_and_always():
+    """A bad params.yaml must stop every `dvc repro` before any stage, even when all are cached:
+    validate is always_changed, writes CHECKED, and every other stage is downstream of it."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["validate"]["always_changed"] is True and stages["validate"]["outs"] == [{CHECKED: {"cache": False}}]
+    produced_by = {next(iter(o)) if isinstance(o, dict) else o: name
+                   for name, s in stages.items() for o in s.get("outs", [])}
+
+    def upstream(name: str) -> set[str]:
+        found = {produced_by[d] for d in stages[name].get("deps", []) if d in produced_by}
+        return found.union(*(upstream(s) for s in found))
+    assert all("validate" in upstream(name) for name in stages if name != "validate")
 
 
 def test_the_check_catches_a_removed_dep_and_a_stale_param():

@@ -1,4 +1,6 @@
 """Layout detection for the HW3P2 Spring 2022 / Fall 2022 replicas and ctclab's own corpus."""
+import pickle
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,26 @@ def test_a_submission_format_needs_one_distinct_character_per_class_and_one_mean
     with pytest.raises(CtclabError, match="'spring2022': registered twice, differently"):
         layouts.register_format("spring2022", ("index", "label"), S22_CHARS)
     assert layouts.register_format("spring2022", ("id", "predictions"), S22_CHARS) == layouts.formats()["spring2022"]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_object_array_transcripts_load_without_running_code(tmp_path):
+    """Some course copies store transcripts as object arrays (a pickle inside the .npy): their
+    strings load, and any other object in one is refused before it is built."""
+    from ctclab.layouts import load_transcript
+
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.array(["<sos>", "AA", "[SIL]", "B", "<eos>"], dtype=object), allow_pickle=True)
+    assert load_transcript(plain) == ["AA", "SIL", "B"]
+    marker, hostile = tmp_path / "RAN", tmp_path / "hostile.npy"
+    np.save(hostile, np.array([_RunsCode(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(pickle.UnpicklingError, match=r"refused: the file would import (io|builtins)\.open"):
+        load_transcript(hostile)
+    assert not marker.exists()

@@ -13,6 +13,9 @@ def test_levenshtein_and_per_on_hand_made_pairs():
     assert s.mean_distance == pytest.approx(2 / 3) and s.per == pytest.approx(2 / 7) and s.utterances == 3
     assert score([[2, 1]], [[1, 2]]).mean_distance == 2  # a swap is two edits
     assert score([[40, 40]], [[39]]).mean_distance == 2  # a substitution and an insertion
+    # PER divides by the reference's length, not the hypothesis's: 3 deletions of 4 phonemes
+    assert score([[1]], [[1, 2, 3, 4]]).per == pytest.approx(3 / 4)
+    assert score([[1, 2, 3, 4, 5, 6]], [[1, 2]]).per == pytest.approx(4 / 2)  # 4 insertions on 2 phonemes
     with pytest.raises(ValueError):
         distances([[1]], [])
 

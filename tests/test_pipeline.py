@@ -1,8 +1,14 @@
 """The whole DVC pipeline on a tiny embedded corpus, in a throwaway project copy."""
+import contextlib
 import csv
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import mlflow
 import torch
@@ -10,7 +16,8 @@ import pytest
 import yaml
 
 from ctclab import submission, tracking
-from project import REPO, commit, make_project, run, stage_command
+from ctclab.errors import signal_name
+from project import REPO, commit, env, free_port, make_project, run, stage_command
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +52,43 @@ def test_make_run_goes_fetch_to_submit_and_prints_the_summary(repro):
     assert paths == {"submission/submission.csv"}
 
 
-def test_second_repro_is_a_no_op(repro):
+def stages_run(out: str) -> list[str]:
+    return re.findall(r"^Running stage '([^']+)'", out, flags=re.M)
+
+
+def stale(project) -> set[str]:
+    """The stages `dvc status` lists (validate is always among them: it is always_changed)."""
+    status = run(project, sys.executable, "-m", "dvc", "status").stdout
+    return {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+
+
+def test_second_repro_runs_only_the_params_check(repro):
     project, _ = repro
     out = run(project, sys.executable, "-m", "dvc", "repro").stdout
-    assert "Running stage" not in out and "Data and pipelines are up to date" in out
+    assert stages_run(out) == ["validate"], out
+    assert all(f"Stage '{s}' didn't change, skipping" in out for s in ("fetch", "preprocess", "train", "evaluate", "submit"))
+
+
+@pytest.mark.parametrize("edit, line", [
+    (("train", "sheduler", "cosine"), "params.yaml: unknown key train.sheduler; expected one of epochs"),
+    (("train", "lr", -0.5), "params.yaml: train.lr = -0.5, expected greater than 0"),
+    (("model", "arch", "lstmm"), "params.yaml: model.arch = 'lstmm', expected one of"),
+])
+def test_a_bad_params_yaml_stops_every_repro_before_any_stage_even_when_all_is_cached(repro, edit, line):
+    project, _ = repro
+    original = (project / "params.yaml").read_text()
+    set_param(project, *edit)
+    try:
+        for cmd in (("dvc", "repro"), ("ctclab", "run"), ("dvc", "repro", "submit")):
+            r = run(project, sys.executable, "-m", *cmd, check=False)
+            assert r.returncode != 0 and stages_run(r.stdout) == ["validate"], (cmd, r.stdout, r.stderr)
+            ours = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("ctclab: error:")]
+            assert len(ours) == 1 and line in ours[0], (cmd, r.stdout, r.stderr)
+            assert "Traceback" not in r.stdout + r.stderr
+    finally:
+        (project / "params.yaml").write_text(original)
+    # nothing else was touched: fixed, the next repro checks the file again and has nothing else to do
+    assert stages_run(run(project, sys.executable, "-m", "dvc", "repro").stdout) == ["validate"]
 
 
 def test_a_dvc_remote_gives_a_fresh_clone_everything_without_recomputing(repro, tmp_path):
@@ -64,7 +104,7 @@ def test_a_dvc_remote_gives_a_fresh_clone_everything_without_recomputing(repro, 
     pulled = run(clone, sys.executable, "-m", "dvc", "pull", "--run-cache")
     again = run(clone, sys.executable, "-m", "dvc", "repro")
     print(pushed.stdout, pulled.stdout, again.stdout, sep="\n")  # the closing note quotes these
-    assert "Running stage" not in again.stdout and "Data and pipelines are up to date" in again.stdout, again.stdout
+    assert stages_run(again.stdout) == ["validate"], again.stdout
     for out in ("models/best.pt", "data/processed/meta.json", "submission/submission.csv", "metrics/eval.json"):
         assert (clone / out).read_bytes() == (project / out).read_bytes(), out
 
@@ -97,7 +137,7 @@ def test_a_clean_rerun_gives_identical_outs(repro, tmp_path):
     first, second = (yaml.safe_load((p / "dvc.lock").read_text())["stages"] for p in (project, again))
     outs = {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in first.items()}
     assert outs == {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in second.items()}
-    assert set(outs) == {"fetch", "preprocess", "train", "evaluate", "submit"} and outs["train"]
+    assert set(outs) == {"validate", "fetch", "preprocess", "train", "evaluate", "submit"} and outs["train"]
 
 
 def set_param(project, section, key, value):
@@ -115,8 +155,7 @@ def test_keys_that_cannot_change_outputs_leave_dvc_status_clean(repro):
     set_param(project, "train", "checkpoint_minutes", 1)
     set_param(project, "data", "synthetic", {**yaml.safe_load(original)["data"]["synthetic"], "workers": 2})
     try:
-        status = run(project, sys.executable, "-m", "dvc", "status").stdout
-        assert "up to date" in status, status
+        assert stale(project) == {"validate"}
     finally:
         (project / "params.yaml").write_text(original)
 
@@ -131,9 +170,7 @@ def test_ctclab_run_passes_flags_to_dvc_repro(repro):
 def test_changing_only_beam_width_reruns_evaluate_and_submit_but_not_train(repro):
     project, _ = repro
     set_param(project, "decode", "beam_width", 2)
-    status = run(project, sys.executable, "-m", "dvc", "status").stdout
-    changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
-    assert changed == {"evaluate", "submit"}, status
+    assert stale(project) == {"validate", "evaluate", "submit"}
     out = run(project, sys.executable, "-m", "dvc", "repro").stdout
     assert "Stage 'train' didn't change, skipping" in out
     assert "Running stage 'evaluate'" in out and "Running stage 'submit'" in out
@@ -153,6 +190,37 @@ def test_predict_with_the_logged_model_reproduces_the_submission(repro):
     bad = run(project, sys.executable, "-m", "ctclab", "predict", "--model", "models:/nope@champion", "--mfcc",
               "data/raw", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--model models:/nope@champion" in bad.stderr
+
+
+def test_mlflow_models_serve_answers_with_the_logged_model_and_no_pickle(repro):
+    """`mlflow models serve` as the README shows it, pickled models refused: the same log-probs as in-process."""
+    import requests
+
+    project, _ = repro
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    run_id = tracking.open_store(uri, project).checkpoint_run(project / "models/best.pt")
+    [logged] = mlflow.MlflowClient(uri).get_run(run_id).outputs.model_outputs
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{logged.model_id}",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=project,
+                              env=env({"MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while server.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).ok:
+                    break
+            time.sleep(0.2)
+        assert server.poll() is None, server.stderr.read()[-3000:]
+        x = torch.randn(2, 30, 13)
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": x.tolist()}, timeout=60)
+        assert answer.ok, answer.text
+        local = tracking.open_store(uri, project).load_model(f"models:/{logged.model_id}")
+        torch.testing.assert_close(torch.tensor(answer.json()["predictions"]), local(x))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.communicate(timeout=60)
 
 
 def test_a_stage_run_by_another_python_says_so_in_one_line(tmp_path):
@@ -245,3 +313,103 @@ def test_a_new_decoder_is_one_file_and_evaluate_scores_it(repro, tmp_path):
     metrics = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).data.metrics
     assert metrics["eval_dev_lev_best_path"] == ev["dev_lev_greedy"]
     assert "decode_best_path_utterances_per_second" in metrics
+
+
+def interrupt_when(project, cmd: list[str], ready, sig: int) -> tuple[int, str, list[str]]:
+    """Start `cmd` in a session of its own, and once `ready(process)` holds send `sig` to its whole
+    process group, as a terminal's Ctrl-C does (SIGINT), or to the process alone (SIGTERM, as
+    `kill` or a scheduler does). Returns (exit code, stderr, processes of it still alive)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    me = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not ready(me):
+        time.sleep(0.01)
+    assert proc.poll() is None, f"{cmd} ended before it could be interrupted:\n{proc.stderr.read()[-2000:]}"
+    family = [me, *me.children(recursive=True)]
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    return proc.returncode, err, [str(p.pid) for p in alive]
+
+
+def workers_busy(n: int):
+    """At least n worker processes started: those the forkserver (a child, beside multiprocessing's
+    resource tracker) forked."""
+    import psutil
+
+    def ready(p) -> bool:
+        try:
+            return len([c for c in p.children(recursive=True) if c.ppid() != p.pid]) >= n
+        except psutil.Error:  # a process that ended meanwhile
+            return False
+    return ready
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_fetch_interrupted_with_corpus_workers_leaves_nothing(repro, sig):
+    project, _ = repro
+    out = project / "data" / "raw-interrupted"
+    cmd = [*stage_command(project, "fetch")[:2], "--out", str(out)]
+    partial = out.with_name(out.name + ".partial")
+    code, err, alive = interrupt_when(project, cmd, lambda p: workers_busy(1)(p) and any(partial.rglob("*.npy")), sig)
+    assert code == 128 + sig and alive == [], (code, err, alive)
+    assert err.strip().splitlines()[-1] == (f"ctclab: fetch: stopped by {signal_name(sig)}; outputs not finished were "
+                                            "removed, finished ones kept") and "Traceback" not in err, err
+    assert not out.exists() and not partial.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_evaluate_interrupted_with_decode_workers_leaves_nothing(repro, sig):
+    project, _ = repro
+    original = (project / "params.yaml").read_text()
+    set_param(project, "decode", "workers", 2)
+    metrics = project / "metrics" / "interrupted"
+    try:
+        cmd = [*stage_command(project, "evaluate")[:2], "--data", "data/processed", "--models", "models",
+               "--metrics", str(metrics)]
+        code, err, alive = interrupt_when(project, cmd, workers_busy(2), sig)
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert code == 128 + sig and alive == [], (code, err, alive)
+    assert err.strip().splitlines()[-1] == (f"ctclab: evaluate: stopped by {signal_name(sig)}; outputs not finished "
+                                            "were removed, finished ones kept") and "Traceback" not in err, err
+    assert not (metrics / "eval.json").exists()
+
+
+def test_preprocess_interrupted_removes_its_half_written_out(repro, tmp_path, monkeypatch):
+    from ctclab import data
+    from ctclab.config import load_params
+
+    project, _ = repro
+    written = []
+
+    def stop_after_first_split(out, *args):
+        if written:
+            raise KeyboardInterrupt
+        written.append(real(out, *args))
+    real = data._write_shard
+    monkeypatch.setattr(data, "_write_shard", stop_after_first_split)
+    with pytest.raises(KeyboardInterrupt):
+        data.preprocess(project / "data/raw", tmp_path / "processed", load_params(project / "params.yaml").features)
+    assert written and not (tmp_path / "processed").exists()
+
+
+def test_verify_interrupted_mid_training_removes_its_worktree_and_leaves_no_process(repro):
+    import psutil
+
+    project, _ = repro
+    run_id = tracking.open_store(f"sqlite:///{project / 'mlflow.db'}", project).checkpoint_run(project / "models/best.pt")
+
+    def training(p) -> bool:
+        try:
+            return any("pipeline/train.py" in " ".join(c.cmdline()) for c in p.children(recursive=True))
+        except psutil.Error:
+            return False
+    code, err, alive = interrupt_when(project, [sys.executable, "-m", "ctclab", "verify", run_id], training, signal.SIGINT)
+    assert code == 130 and alive == [], (code, err, alive)
+    assert err.strip().splitlines()[-1] == ("ctclab: verify: stopped by Ctrl-C (SIGINT); outputs not finished were "
+                                            "removed, finished ones kept") and "Traceback" not in err, err
+    assert run(project, "git", "worktree", "list").stdout.count("\n") == 1

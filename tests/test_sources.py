@@ -127,8 +127,46 @@ def test_unrecognised_layout_is_one_clear_line(tmp_path):
     assert not (tmp_path / "data" / "raw").exists()
 
 
-def test_scrub_hides_credentials_from_kaggle_json(tmp_path, monkeypatch):
-    (tmp_path / "kaggle.json").write_text(json.dumps({"username": "u", "key": "abcdef123456"}))
+# Every place a Kaggle credential can come from (the kaggle package's documented ones), written
+# here rather than read from the code: dropping one from the scrubbing must fail its case.
+CREDENTIAL_SOURCES = ["env KAGGLE_KEY", "env KAGGLE_API_TOKEN", "kaggle.json key", "access_token file"]
+
+
+@pytest.mark.parametrize("source", CREDENTIAL_SOURCES)
+def test_every_credential_source_is_scrubbed(tmp_path, monkeypatch, source):
+    for var in ("KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_USERNAME"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    secret = "s3cr3t" + source.split()[-1].replace("_", "")
+    kind, name = source.split(" ", 1)
+    if kind == "env":
+        monkeypatch.setenv(name, secret)
+        monkeypatch.setenv("KAGGLE_USERNAME", "u")
+    elif kind == "kaggle.json":
+        (tmp_path / "kaggle.json").write_text(json.dumps({"username": "u", "key": secret}))
+    else:
+        (tmp_path / "access_token").write_text(secret + "\n")
     assert kaggle.has_credentials()
-    assert kaggle.scrub("bad key abcdef123456!") == "bad key ***!"
+    assert kaggle.scrub(f"refused: {secret}!") == "refused: ***!"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "damaged member"])
+def test_a_damaged_archive_is_one_line_and_leaves_nothing_behind(tmp_path, damage):
+    archive = zip_folder(make_spring2022(tmp_path / "download"), tmp_path / "11-785-s22-hw3p2.zip")
+    data = bytearray(archive.read_bytes())
+    if damage == "cut short":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(os.urandom(len(data)))
+    else:  # a byte in the middle of the largest member's data: its CRC (or inflate) fails
+        import zipfile
+
+        with zipfile.ZipFile(archive) as z:
+            big = max(z.infolist(), key=lambda i: i.compress_size)
+        start = big.header_offset + 30 + len(big.filename.encode()) + len(big.extra)
+        data[start + big.compress_size // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    with pytest.raises(CtclabError) as err:
+        sources.fetch(config("data", source="local", path=str(archive)), tmp_path / "raw", progress=False)
+    assert str(err.value).startswith(f"{archive}: not a valid zip file") and "\n" not in str(err.value)
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "raw.partial").exists()

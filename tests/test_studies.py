@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import scipy.stats
 import pytest
 import requests
 import yaml
@@ -13,7 +15,7 @@ import yaml
 from ctclab import report, studies, submission, tracking
 from ctclab.errors import CtclabError
 from conftest import make_fall2022, make_spring2022
-from project import REPO, MlflowServer, committed_project, env, run
+from project import REPO, AuthServer, MlflowServer, committed_project, env, run, survivors
 
 SMOKE = {"seeds": [0, 1], "params": {"data.synthetic.train": 12, "data.synthetic.dev": 4, "data.synthetic.test": 2,
                                      "train.epochs": 1, "model.conv_lstm.hidden": 8, "model.conv_lstm.embed_dim": 8}}
@@ -24,8 +26,10 @@ def study_project(tmp_path, study: dict) -> Path:
                                                            yaml.safe_dump(study, sort_keys=False)})
 
 
-def study_cli(project, *args, check=True, tracking_uri=None):
-    extra = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else None
+def study_cli(project, *args, check=True, tracking_uri=None, login: tuple[str, str] | None = None):
+    extra = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
+    if login:
+        extra |= {"MLFLOW_TRACKING_USERNAME": login[0], "MLFLOW_TRACKING_PASSWORD": login[1]}
     return run(project, sys.executable, "-m", "ctclab", "study", *args, check=check, timeout=900, env=extra)
 
 
@@ -108,7 +112,12 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
         per_seed = report.split("Per seed (`dev_lev_beam`, child run id):")[1]
         assert per_seed.count("| on | ") == 1 and per_seed.count("(`") == 4  # 2 variants × 2 seeds, each with its run
         assert "| broken |" in report and "no finished runs" in report
-        assert "no detectable difference with 2 seeds" in rows[1] or "better" in rows[1] or "worse" in rows[1]
+        # the verdict recomputed here from the runs (scipy's paired t-test; one comparison, so Holm is p)
+        score = {(k.info.run_name.split("-")[0], k.info.run_name[-1]): k.data.metrics["eval_dev_lev_beam"] for k in kids}
+        diffs = [score[("off", s)] - score[("on", s)] for s in ("0", "1")]
+        p = float(diffs[0] == 0) if np.ptp(diffs) == 0 else scipy.stats.ttest_1samp(diffs, 0.0).pvalue  # no spread: certain
+        expected = ("better" if np.mean(diffs) < 0 else "worse") if p < 0.05 else "no detectable difference with 2 seeds"
+        assert f"| {expected} |" in rows[1], (diffs, p, rows[1])
         assert (clones[0] / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
         assert "p (Holm)" in report and "Holm-adjusted across the study's 1 comparison (in" in report  # broken has none
         # a second run skips what is complete, whichever machine ran it
@@ -143,8 +152,8 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
                           {"name": "b8", "params": {"decode.beam_width": 8}}],
              "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
     project = study_project(tmp_path, study)
-    # Ctrl-C while the runner waits: one line; the queued experiments go on, and the same command
-    # run again waits for them instead of queueing them twice
+    # Ctrl-C while the runner waits: one line; the study's experiments leave DVC's queue, no process
+    # of it survives, and the same command run again runs them
     # a terminal's Ctrl-C: SIGINT at its default even when the tests run in a background job (which ignores it)
     runner = subprocess.Popen([sys.executable, "-m", "ctclab", "study", "run", "experiments/beam_smoke.yaml", "--smoke",
                                "-j", "1"], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -153,8 +162,9 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
     runner.send_signal(signal.SIGINT)
     _, err = runner.communicate(timeout=300)
     assert runner.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == (
-        "study beam_smoke: stopped waiting; queued experiments go on in DVC's queue (`dvc queue status`). "
-        "Run the same command again to wait for them and write the report."), err
+        "ctclab: study beam_smoke: stopped by Ctrl-C (SIGINT); its unfinished experiments left DVC's queue and its "
+        "workers stopped; finished runs are kept, and the same command runs the rest"), err
+    assert survivors(project) == []
     out = study_cli(project, "run", "experiments/beam_smoke.yaml", "--smoke", "-j", "1").stdout
     assert "2 ran" in out and "0 failed" in out, out
     runs = all_runs(project, "ctclab/beam_smoke-smoke")
@@ -261,3 +271,42 @@ def test_parallel_queue_workers_share_the_cores(monkeypatch):
     assert studies.worker_env(16)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert studies.worker_env(2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_server_with_accounts_refuses_in_one_line_before_any_training_and_lets_an_editor_run(tmp_path):
+    """The README's team server (basic-auth): no login → the 401 line; a user who may only read the
+    study's experiment → the 403 line naming it; an editor → the smoke study runs there. Nothing
+    is queued before the refusals, and no password reaches MLflow."""
+    study = {"name": "auth", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": {}}],
+             "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
+    project = study_project(tmp_path, study)
+    with AuthServer(tmp_path / "server") as server:
+        experiment = server.create_experiment("ctclab/auth-smoke")
+        server.add_user("reader", "reader-password-123", experiment, "READ")
+        server.add_user("editor", "editor-password-456", experiment, "EDIT")
+        cmd = ("run", "experiments/auth.yaml", "--smoke")
+
+        nobody = study_cli(project, *cmd, check=False, tracking_uri=server.uri)
+        assert nobody.returncode == 2 and nobody.stderr.count("\n") == 1, nobody.stderr
+        assert (f"tracking.uri {server.uri}: the server asks for a login (401: no login was given); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") in nobody.stderr
+
+        reader = study_cli(project, *cmd, check=False, tracking_uri=server.uri, login=("reader", "reader-password-123"))
+        assert reader.returncode == 2 and reader.stderr.count("\n") == 1, reader.stderr
+        assert "user 'reader' may not" in reader.stderr and "in experiment 'ctclab/auth-smoke' (403" in reader.stderr
+        assert "grant EDIT" in reader.stderr
+        assert "auth-a-s0-smoke" not in run(project, sys.executable, "-m", "dvc", "queue", "status").stdout
+
+        editor = study_cli(project, *cmd, tracking_uri=server.uri, login=("editor", "editor-password-456"))
+        assert "1 ran" in editor.stdout and "0 failed" in editor.stdout, editor.stdout
+        client = mlflow.MlflowClient(server.uri)
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("MLFLOW_TRACKING_USERNAME", "editor")
+            m.setenv("MLFLOW_TRACKING_PASSWORD", "editor-password-456")
+            runs = client.search_runs([experiment])
+            children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+            assert len(children) == 1 and children[0].info.status == "FINISHED"
+            assert "train_loss" in children[0].data.metrics
+            for r in runs:
+                recorded = " ".join([*r.data.params.values(), *r.data.tags.values()])
+                assert "editor-password-456" not in recorded

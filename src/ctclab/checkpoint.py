@@ -18,6 +18,11 @@ import hashlib
 import io
 import json
 import math
+import pickle
+import re
+import sys
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,13 +108,64 @@ def _write(path: Path, data: bytes) -> None:
                           f"{path.name} is intact") from None
 
 
+def read(path: str | Path, fix: str) -> dict:
+    """A checkpoint, loaded without running code: torch.load(weights_only=True) takes tensors and
+    plain data only, so a file from a team remote that carries a pickled object is refused before
+    anything in it runs. Missing, cut short, garbage or not a checkpoint: CtclabError, one line
+    naming the file and `fix` (e.g. "re-create it with `dvc repro -f train`")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtclabError(f"{path}: no checkpoint; {fix}")
+    try:
+        with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: garbage gets its own line below
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        blocked = _blocked_global(err)
+        if blocked:
+            raise CtclabError(f"{path}: refused, it would run or build Python objects ({blocked}), not only "
+                              f"tensors and plain data; ctclab loads checkpoints without running code; {fix}") from None
+        raise CtclabError(f"{path}: not a readable checkpoint (garbage: not torch.save's format); {fix}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CtclabError(f"{path}: not a readable checkpoint (cut short or corrupt: {_first_line(err)}); {fix}") from None
+    except Exception:  # the unpickler fed garbage fails in its own ways (IndexError, KeyError, …)
+        raise CtclabError(f"{path}: not a readable checkpoint (garbage: not torch.save's format); {fix}") from None
+    if not isinstance(saved, dict) or not {"model_spec", "model"} <= set(saved):
+        raise CtclabError(f"{path}: not a ctclab checkpoint (no model_spec and model weights); {fix}")
+    return saved
+
+
+def _first_line(err: BaseException) -> str:
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line.split(". ")[0][:120]
+
+
+def _blocked_global(err: pickle.UnpicklingError) -> str | None:
+    """The object torch's weights-only unpickler refused to import (e.g. `GLOBAL posix.system`), if
+    that is why it stopped; None when the bytes are simply not a pickle it can read."""
+    found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
+    return f"GLOBAL {found.group(1)}" if found else None
+
+
 def load_resume(resume_path: Path) -> dict | None:
-    """An interrupted training's saved state with its MLflow run id, or None if there is none."""
+    """An interrupted training's saved state with its MLflow run id, or None if there is none. A
+    slot that cannot be read (cut short, garbage, refused) is set aside as <name>.corrupt with a
+    one-line warning, and training starts afresh: the slot only ever saves time."""
     run_file = resume_path.with_suffix(".json")
     if not (resume_path.is_file() and run_file.is_file()):
         return None
-    saved = torch.load(resume_path, map_location="cpu", weights_only=False)
-    return {**saved, "run_id": json.loads(run_file.read_text())["mlflow_run_id"]}
+    try:
+        saved = read(resume_path, "")
+        run_id = json.loads(run_file.read_text())["mlflow_run_id"]
+    except (CtclabError, ValueError, KeyError, TypeError) as err:
+        for f in (resume_path, run_file):
+            f.replace(f.with_name(f.name + ".corrupt"))
+        reason = str(err).removeprefix(f"{resume_path}: ").removesuffix("; ") if isinstance(err, CtclabError) else \
+            f"{run_file.name} unreadable: {_first_line(err) or type(err).__name__}"
+        print(f"ctclab: warning: resume checkpoint {resume_path} set aside as {resume_path.name}.corrupt "
+              f"({reason}); training starts from epoch 1", file=sys.stderr)
+        return None
+    return {**saved, "run_id": run_id}
 
 
 def restore(saved: dict, model, optimizer, scheduler, scaler, aug_gen: torch.Generator, device: torch.device,

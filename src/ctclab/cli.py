@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import one_line_errors
+from .errors import interrupted, one_line_errors
 from .project import repo_root, tool_env
 
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
@@ -34,19 +34,24 @@ def repro(args: list[str], cwd: Path) -> tuple[int, dict[str, float | None]]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     times: dict[str, float | None] = {}
     current, started = None, 0.0
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        running, skipped = _RUNNING.match(line.strip()), _SKIPPED.match(line.strip())
-        if running or skipped:
-            now = time.monotonic()
-            if current:
-                times[current] = now - started
-                current = None
-            if running:
-                current, started = running.group(1), now
-            else:
-                times[skipped.group(1)] = None
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            running, skipped = _RUNNING.match(line.strip()), _SKIPPED.match(line.strip())
+            if running or skipped:
+                now = time.monotonic()
+                if current:
+                    times[current] = now - started
+                    current = None
+                if running:
+                    current, started = running.group(1), now
+                else:
+                    times[skipped.group(1)] = None
+    except KeyboardInterrupt:  # dvc (and its stage) got a terminal's Ctrl-C too; a SIGTERM it passes on
+        proc.terminate()
+        proc.wait()
+        raise
     code = proc.wait()
     if current:
         times[current] = time.monotonic() - started
@@ -144,10 +149,9 @@ def cmd_study_run(a) -> int:
     study = studies.load(a.study, root / "params.yaml")
     try:
         result = studies.run_study(study, root, a.jobs, tuple(a.seeds) if a.seeds else None, a.smoke)
-    except KeyboardInterrupt:
-        print(f"study {study.name}: stopped waiting; queued experiments go on in DVC's queue (`dvc queue status`). "
-              "Run the same command again to wait for them and write the report.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        raise interrupted(err, f"study {study.name}", "its unfinished experiments left DVC's queue and its workers "
+                          "stopped; finished runs are kept, and the same command runs the rest") from None
     print(f"study {study.name}: {len(result['queued']) - len(result['failed'])} ran, {len(result['skipped'])} skipped "
           f"(already complete), {len(result['failed'])} failed in {result['seconds']:.0f} s; parent MLflow run "
           f"{result['parent_run_id']}; MLflow UI: {result['ui']}")
@@ -257,4 +261,7 @@ def main(argv=None) -> None:
         a.dvc_args = [x for x in argv[1:] if x != "--"]
     else:
         a = ap.parse_args(argv)
-    sys.exit(a.func(a))
+    try:
+        sys.exit(a.func(a))
+    except KeyboardInterrupt as err:  # the study runner says its own line (Interrupted); the rest this one
+        raise interrupted(err, a.command, "outputs not finished were removed, finished ones kept") from None

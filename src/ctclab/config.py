@@ -10,13 +10,14 @@ naming the dotted key, e.g. `params.yaml: train.scheduler = 'step', expected one
 from __future__ import annotations
 
 import functools
+import io
 import re
 import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
+import ruamel.yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -278,21 +279,24 @@ def validate(raw, source: str = "params.yaml") -> Params:
         raise CtclabError(one_line(err, source, cls)) from None
 
 
-class Yaml12Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans (only true/false), as DVC reads and writes params.yaml: under PyYAML's
-    YAML 1.1 rules a value such as `off` or `no` written by `dvc exp run -S` would turn into a bool."""
-
-
-Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                   list("tTfF"))
+# params.yaml is read as DVC reads it (dvc.utils.serialize.parse_yaml: ruamel.yaml, typ="safe", YAML
+# 1.2), so a value means here what dvc.lock records and what `dvc exp run -S` wrote: `1e-3` and `.5`
+# are floats, `1_000` an int, and `off`/`no` stay strings (PyYAML's YAML 1.1 disagrees on each).
+YAMLError = ruamel.yaml.YAMLError
 
 
 def load_yaml(text: str):
-    return yaml.load(text, Loader=Yaml12Loader)
+    return ruamel.yaml.YAML(typ="safe").load(text)
+
+
+def dump_yaml(data, flow: bool = False) -> str:
+    """YAML text that load_yaml (and so DVC) reads back as `data`; mappings keep their order."""
+    out = ruamel.yaml.YAML(typ="safe")
+    out.default_flow_style = flow
+    out.representer.sort_base_mapping_type_on_output = False
+    buf = io.StringIO()
+    out.dump(data, buf)
+    return buf.getvalue()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -301,7 +305,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise CtclabError(f"{path}: not found; run from the repository root") from None
-    except yaml.YAMLError as err:
+    except YAMLError as err:
         raise CtclabError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return validate(raw, str(path))
 

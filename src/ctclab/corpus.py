@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import pickle
 import sys
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import storage
+from .errors import worker_context
 from .layouts import CORPUS_MARKER
 from .labels import INDEX
 
@@ -289,13 +290,15 @@ def generate(out: str | Path, seed: int, sizes: dict[str, int], min_words: int =
     jobs = [Job(split, i, seed, min_words, max_words, speakers[split], str(out))
             for split in SPLITS for i in range(sizes[split])]
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
-        results = pool.imap(_render_in_child, jobs, chunksize=4)
+    pool = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_worker_init)
+    results = pool.map(_render_in_child, jobs, chunksize=4)
+    try:
         for job, row in tqdm(zip(jobs, results), total=len(jobs), desc="synthesising corpus",
                              unit="utt", disable=not progress, file=sys.stderr,
                              mininterval=1 if sys.stderr.isatty() else 30):
             rows[job.split].append(row)
+    finally:  # interrupted: the jobs not started are dropped, the workers finish theirs and exit quietly
+        pool.shutdown(cancel_futures=True)
     for split in SPLITS:
         storage.write_text(out / split / "manifest.jsonl",
                            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows[split]))

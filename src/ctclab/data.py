@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,10 @@ def _load_features(path: Path, expected_dim: int | None) -> tuple[np.ndarray | N
 
 
 def _check_labels(x: np.ndarray, transcript: Path) -> tuple[np.ndarray | None, str | None]:
-    symbols = layouts.load_transcript(transcript)
+    try:
+        symbols = layouts.load_transcript(transcript)
+    except Exception as err:  # corrupt, not .npy, or a pickle that would run code: a data problem
+        return None, f"cannot be read as a transcript .npy ({type(err).__name__}: {str(err)[:80]})"
     unknown = sorted({s for s in symbols if s not in INDEX})
     if unknown:
         return None, f"unknown symbols {unknown[:5]}, expected SIL or ARPAbet phonemes"
@@ -150,9 +154,15 @@ def _check_usable(raw, out: Path, data: dict, report: list) -> None:
 def preprocess(raw: str | Path, out: str | Path, cfg: FeaturesConfig) -> DataMeta:
     """Validate, normalise and shard every split of the dataset under `raw`; return the meta dict.
     Streams: one utterance in memory at a time. The bad-utterance report is written even when
-    `cfg.on_bad == 'fail'` stops the stage."""
-    layout = layouts.detect(raw)
-    out = Path(out)
+    `cfg.on_bad == 'fail'` stops the stage; an interrupt (Ctrl-C, SIGTERM) removes `out` whole."""
+    try:
+        return _preprocess(layouts.detect(raw), raw, Path(out), cfg)
+    except KeyboardInterrupt:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _preprocess(layout: layouts.Layout, raw, out: Path, cfg: FeaturesConfig) -> DataMeta:
     report: list[dict] = []
     data: dict[str, list[Utterance]] = {}
     dim, train_stats = None, RunningStats() if cfg.normalize == "global" else None
@@ -196,6 +206,7 @@ def read_meta(folder: str | Path) -> DataMeta:
                           f"{str(err).splitlines()[0][:120]}); re-make it with `dvc repro -f preprocess`") from None
 
 
+REMAKE_SHARDS = "re-make them with `dvc repro -f preprocess` (or `dvc checkout` if they are cached)"
 SHARD_FILES = ("features.npy", "frame_offsets.npy", "labels.npy", "label_offsets.npy", "ids.json")
 
 
@@ -230,11 +241,22 @@ class Shard:
         missing = [f for f in SHARD_FILES if not (folder / f).is_file()]
         if missing:
             raise CtclabError(f"{folder}: missing {', '.join(missing)}; run the preprocess stage (dvc repro preprocess)")
-        self.features = np.load(folder / "features.npy", mmap_mode="r")
-        self.frame_offsets = np.load(folder / "frame_offsets.npy")
-        self.labels = np.load(folder / "labels.npy")
-        self.label_offsets = np.load(folder / "label_offsets.npy")
-        self.ids = json.loads((folder / "ids.json").read_text())
+        try:
+            reading = folder / "features.npy"
+            self.features = np.load(reading, mmap_mode="r")
+            for name in ("frame_offsets", "labels", "label_offsets"):
+                reading = folder / f"{name}.npy"
+                setattr(self, name, np.load(reading))
+            reading = folder / "ids.json"
+            self.ids = json.loads(reading.read_text())
+            reading = folder
+            consistent = (self.features.ndim == 2 and len(self.frame_offsets) == len(self.ids) + 1 == len(self.label_offsets)
+                          and self.frame_offsets[-1] == len(self.features) and self.label_offsets[-1] == len(self.labels))
+        except (ValueError, OSError, EOFError, TypeError, IndexError) as err:  # cut short, garbage, not .npy
+            raise CtclabError(f"{reading}: shard file cut short or corrupt ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:80]}); {REMAKE_SHARDS}") from None
+        if not consistent:
+            raise CtclabError(f"{folder}: shard files disagree on its utterances or frames; {REMAKE_SHARDS}")
 
     def __len__(self) -> int:
         return len(self.ids)

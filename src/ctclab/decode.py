@@ -14,7 +14,6 @@ LM) is one module in src/ctclab/decoders.
 """
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import DecodeConfig
+from .errors import worker_context
 from .labels import BLANK, NUM_CLASSES
 from .plugins import claim
 
@@ -84,9 +84,8 @@ class BeamDecoder:
 
     def __init__(self, beam_width: int, workers: int = 1):
         self.beam_width, self.workers = beam_width, workers
-        # spawn, not fork: the caller may already hold a CUDA context, which a forked child can't use
-        context = multiprocessing.get_context("spawn")
-        self._pool = ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else None
+        # forkserver, not fork: the caller may already hold a CUDA context, which a forked child can't use
+        self._pool = ProcessPoolExecutor(workers, mp_context=worker_context()) if workers > 1 else None
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         probs = log_probs.detach().float().exp().cpu().numpy()
@@ -98,15 +97,15 @@ class BeamDecoder:
 
     __call__ = decode
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(cancel_futures=cancel)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(cancel=exc_type is not None)  # interrupted: drop the queued chunks, end the workers
 
 
 @register_decoder("greedy")

@@ -101,7 +101,9 @@ def first_failure(failures: dict) -> tuple[int, object]:
     def key(item):
         rank, failure = item
         message = _message(failure)
-        secondary = message.startswith("PeerLost") or failure.exitcode == -signal.SIGTERM
+        # torchrun's SIGTERM ends a worker by the signal, or, outside training (ctclab.errors
+        # turns SIGTERM into one line), with the shell's 143
+        secondary = message.startswith("PeerLost") or failure.exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM)
         return secondary, not message.startswith("CtclabError"), failure.timestamp, rank
 
     return min(failures.items(), key=key)

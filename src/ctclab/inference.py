@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import models
+from . import checkpoint, models
 from .batching import collate, ctc_min_frames
 from .data import Shard
 from .config import DecodeConfig
@@ -42,18 +42,28 @@ def amp_dtype(device: torch.device, choice: str = "auto") -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+REMAKE = "re-create it with `dvc repro -f train` (or `dvc checkout models` if the train stage's outs are cached)"
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CtclabError(f"{path}: no checkpoint; run the train stage first (dvc repro train)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return checkpoint.read(path, REMAKE)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> models.CTCModel:
-    ckpt = load_checkpoint(path)
-    model = models.from_spec(ckpt["model_spec"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+    return model_from(load_checkpoint(path), path, REMAKE).to(device).eval()
+
+
+def model_from(saved: dict, path: str | Path, fix: str) -> models.CTCModel:
+    """The model a checkpoint's spec and weights make; one line naming `path` and `fix` if they don't."""
+    try:
+        model = models.from_spec(saved["model_spec"])
+        model.load_state_dict(saved["model"])
+    except CtclabError as err:
+        raise CtclabError(f"{path}: {err}; {fix}") from None
+    except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as err:
+        raise CtclabError(f"{path}: its model spec or weights do not make a model ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:160]}); {fix}") from None
+    return model.eval()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ markers to strip are common to all; the feature dimension is always read from th
 from __future__ import annotations
 
 import csv
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -196,7 +197,28 @@ def load_transcript(path: Path) -> list[str]:
     """Phoneme symbols of one transcript file, sentence markers stripped and [SIL] → SIL."""
     try:
         arr = np.load(path, allow_pickle=False)
-    except ValueError:  # some course copies store object arrays of str
-        arr = np.load(path, allow_pickle=True)
+    except ValueError:  # some course copies store object arrays of str: read them without running code
+        arr = _load_object_array(path)
     symbols = [str(s) for s in np.asarray(arr).reshape(-1)]
     return [SYMBOL_ALIASES.get(s, s) for s in symbols if s not in MARKERS]
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles an object ndarray of plain values; any other class (os.system, …) is refused."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused: the file would import {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_object_array(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read_header(f)
+        if not dtype.hasobject:
+            raise ValueError(f"{path}: not an object array")
+        return _ArrayOnlyUnpickler(f).load()

@@ -43,12 +43,12 @@ def tool_env() -> dict[str, str]:
 # script as `--name path` (as iterative/example-get-started does), beside the same paths as deps/outs.
 def stage_command(root: Path, stage: str) -> list[str]:
     """A dvc.yaml stage's `cmd` as arguments, with this interpreter for its `python`."""
-    import yaml
+    from .config import YAMLError, load_yaml
 
     dvc_yaml = Path(root) / "dvc.yaml"
     try:
-        cmd = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]["cmd"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        cmd = load_yaml(dvc_yaml.read_text())["stages"][stage]["cmd"]
+    except (OSError, YAMLError, KeyError, TypeError) as err:
         raise CtclabError(f"{dvc_yaml}: no readable `stages.{stage}.cmd` ({type(err).__name__}); "
                           "expected the project's dvc.yaml") from None
     args = shlex.split(cmd)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import config, models, study_runs, tracking
@@ -118,7 +118,7 @@ def load(path: str | Path, params_path: str | Path = "params.yaml") -> Study:
         raw = config.load_yaml(path.read_text())
     except FileNotFoundError:
         raise CtclabError(f"{path}: no such study file") from None
-    except yaml.YAMLError as err:
+    except config.YAMLError as err:
         raise CtclabError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise CtclabError(f"{path}: expected a mapping with name, question, variants, seeds")
@@ -153,7 +153,7 @@ def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _yaml_value(v) -> str:
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+    return config.dump_yaml(v, flow=True).strip().removesuffix("...").strip()
 
 
 def parent_run(study: Study, smoke: bool, root: Path, create: bool = True) -> study_runs.ParentRun:
@@ -227,10 +227,27 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
         raise CtclabError(f"{root}: untracked {', '.join(unseen[:5])}{' …' if len(unseen) > 5 else ''} would be left "
                           "out of the queued experiments (DVC queues tracked files only); `git add` or remove them")
     parent = parent_run(study, smoke, root)
-    queued, skipped = _queue(study, root, seeds, smoke, parent)
-    print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI: "
-          f"{parent.ui_address()}", flush=True)
+    parent.note_start(seeds)
     t0 = time.monotonic()
+    try:
+        queued, skipped = _queue(study, root, seeds, smoke, parent)
+        print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI: "
+              f"{parent.ui_address()}", flush=True)
+        failed = _wait(study, root, queued, jobs, t0, poll_seconds)
+    except KeyboardInterrupt:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:  # ending the queue must not itself be cut short
+            stop_queue(root, [study.exp_name(v, s, smoke) for v in study.variants for s in seeds])
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        raise
+    return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
+            "parent_run_id": parent.run_id, "ui": parent.ui_address()}
+
+
+def _wait(study: Study, root: Path, queued: list[str], jobs: int, t0: float, poll_seconds: float) -> list[str]:
+    """Run the queued experiments to their end; return the names of those that failed."""
     if queued:
         # Workers exit by themselves once the queue is empty. No `dvc queue stop` here: a stop
         # request can outlive this call and shut down the workers of the next study mid-queue.
@@ -260,9 +277,21 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
                     break
             time.sleep(poll_seconds)
     states = queue_states(root, queued)[0] if queued else {}
-    failed = sorted(n for n, s in states.items() if s != "Success")
-    return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
-            "parent_run_id": parent.run_id, "ui": parent.ui_address()}
+    return sorted(n for n, s in states.items() if s != "Success")
+
+
+def stop_queue(root: Path, names: list[str]) -> None:
+    """An interrupted study ends what it started: its queued experiments leave DVC's queue, running
+    ones are killed (their training gets SIGINT and saves nothing the next run needs: finished
+    runs are what a re-run skips), and the queue's workers stop."""
+    states, _ = queue_states(root, names)
+    waiting = [n for n, state in states.items() if state == "Queued"]
+    running = [n for n, state in states.items() if state == "Running"]
+    if waiting:
+        _dvc(root, "queue", "remove", *waiting, check=False)
+    if running:
+        _dvc(root, "queue", "kill", *running, check=False)
+    _dvc(root, "queue", "stop", "--kill", check=False)
 
 
 def start_workers(root: Path, jobs: int) -> None:

@@ -35,6 +35,11 @@ class ParentRun:
     def ui_address(self) -> str:
         return self.store.ui_address(self.experiment_id)
 
+    def note_start(self, seeds: tuple[int, ...]) -> None:
+        """Record the seeds a `study run` asked for; being a write, it also tells a user of a server
+        with accounts who may only read the experiment so, in one line, before anything is queued."""
+        self.store.client.set_tag(self.run_id, "last_run_seeds", " ".join(map(str, seeds)))
+
 
 def find_parent(store: Store, experiment: str, study: str, smoke: bool) -> ParentRun | None:
     """The study's parent run in `experiment` (the earliest, should two have been made)."""

@@ -18,6 +18,7 @@ experiment, `<experiment>/<study>`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from .errors import CtclabError
 from .project import real_root
 from .results import EPOCH_SECONDS
 
-SERVER_TIMEOUT_S = 10
+SERVER_TIMEOUT_S = 5  # a server that takes the connection and never answers: the one line comes within 10 s
 # What a tracking server that went away raises (after MLflow's retries, which open_store() shortens).
 UNREACHABLE = (mlflow.exceptions.MlflowException, OSError)
 # Without it MLflow 3's UI guesses the experiment's kind and may open the GenAI (traces) view.
@@ -67,7 +69,28 @@ def open_store(configured_uri: str, root: str | Path) -> "Store":
         # once the server is lost; a value the user set is kept.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    return Store(uri, real_root(root))
+    elif uri.startswith("sqlite:///"):
+        _check_sqlite(Path(uri.removeprefix("sqlite:///")))
+    store = Store(uri, real_root(root))
+    if uri.startswith(("http://", "https://")):
+        store.client.search_experiments(max_results=1)  # a server with accounts: a missing login is one line now
+    return store
+
+
+def _check_sqlite(path: Path) -> None:
+    """A store file cut short or overwritten is one line here, not SQLAlchemy's traceback mid-run."""
+    import sqlite3
+
+    if not path.is_file():
+        return  # MLflow creates it
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as err:
+        verdict = str(err)
+    if verdict != "ok":
+        raise CtclabError(f"{path}: not a readable MLflow store (sqlite: {verdict.splitlines()[0][:100]}); restore it "
+                          f"from a backup, or move it aside (mv {path.name} {path.name}.broken) and a new one starts")
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,56 @@ def _record(run) -> RunRecord:
                      dict(run.data.metrics), dict(run.data.tags), run.info.experiment_id)
 
 
+class AccessChecked:
+    """An MlflowClient whose calls a server with accounts (`mlflow server --app-name basic-auth`)
+    refuses end in one line: 401 names the login variables, 403 the user, the experiment and the
+    permission to ask for. Everything else passes through unchanged."""
+
+    def __init__(self, client: mlflow.MlflowClient, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except mlflow.exceptions.MlflowException as err:
+                status = err.get_http_status_code()
+                if status not in (401, 403):
+                    raise
+                raise (self._login(err) if status == 401 else self._permission(name, args)) from None
+        return call
+
+    def _login(self, err) -> CtclabError:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = (f"user {user!r} was not accepted (wrong password, or no such account)" if user else
+               "no login was given")
+        return CtclabError(f"tracking.uri {self._uri}: the server asks for a login (401: {who}); set "
+                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it (README: team server)")
+
+    def _permission(self, action: str, args: tuple) -> CtclabError:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
+        where = self._experiment_of(args[0] if args else None)
+        return CtclabError(f"tracking.uri {self._uri}: user {user!r} may not {action.replace('_', ' ')} in {where} "
+                           "(403 Permission denied: reading is allowed, writing needs EDIT); ask an admin or the "
+                           "experiment's owner to grant EDIT on it (README: team server)")
+
+    def _experiment_of(self, ref) -> str:
+        """The experiment a refused call was about (its first argument: a run or experiment id)."""
+        try:
+            if isinstance(ref, str) and re.fullmatch(r"[0-9a-f]{32}", ref):
+                ref = self._client.get_run(ref).info.experiment_id
+            if isinstance(ref, str) and ref.isdigit():
+                return f"experiment {self._client.get_experiment(ref).name!r}"
+        except mlflow.exceptions.MlflowException:
+            pass
+        return "this store"
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -105,7 +178,8 @@ class Store:
 
     def __init__(self, uri: str, root: Path):
         self.uri, self.root = uri, Path(root)
-        self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry lives in the same store
+        # the registry lives in the same store
+        self.client = AccessChecked(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -271,13 +345,24 @@ class Store:
     def load_model(self, model_uri: str):
         """A logged or registered model (`models:/ctclab-conv_lstm@champion`, `models:/<model id>`,
         `runs:/<id>/model`, or a folder)."""
+        from mlflow.models import Model
+
+        from . import logged_model
+
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 local = mlflow.artifacts.download_artifacts(self._model_location(model_uri), dst_path=tmp,
                                                             tracking_uri=self.uri)
+                flavor = Model.load(local).flavors.get("python_function", {})
+                if flavor.get("loader_module") == "ctclab.logged_model":  # read as data: no code from the model runs
+                    return logged_model.load(Path(local) / flavor["data"])
+                # logged before ctclab stopped pickling (mlflow.pytorch): MLflow unpickles it, unless
+                # MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, which makes it refuse (README)
                 return mlflow.pytorch.load_model(local, map_location="cpu")
             except mlflow.exceptions.MlflowException as err:
                 raise CtclabError(f"--model {model_uri}: {str(err).splitlines()[0]} (store {self.uri})") from None
+            except CtclabError as err:  # its weights file, under a temporary folder: name the model instead
+                raise CtclabError(f"--model {model_uri}: {str(err).replace(tmp + '/', '')}") from None
 
     def _model_location(self, model_uri: str) -> str:
         """Where a model's files are, found through this store's client: MLflow resolves `models:/`
@@ -365,18 +450,18 @@ class RunLog:
                 time.sleep(0.5)
 
     def log_model(self, model, metadata: dict, input_dim: int, classes: int) -> str:
-        """The network as an MLflow model of this run (pytorch flavour, with ctclab's code beside it
-        so it loads anywhere with torch installed); returns its model id. Input: raw MFCC frames of
-        equal-length utterances [batch, time, input_dim]; output: log-probabilities [batch, time',
-        classes]. Through this store's client: a LoggedModel, its files (mlflow.pytorch.save_model),
-        the run's output link, READY."""
+        """The network as an MLflow model of this run, without pickle (ctclab.logged_model: weights in
+        a weights-only torch file, a pyfunc loader module, ctclab's code beside it so it loads anywhere
+        with torch installed); returns its model id. Input: raw MFCC frames of equal-length utterances
+        [batch, time, input_dim]; output: log-probabilities [batch, time', classes]. Through this
+        store's client: a LoggedModel, its files (mlflow.pyfunc.save_model), the run's output link, READY."""
+        from . import logged_model
         from mlflow.models import Model, ModelSignature
         from mlflow.types import Schema, TensorSpec
         import torch
 
         client, run = self.store.client, self.store.client.get_run(self.run_id)
-        # unnamed tensors: pyfunc turns a named input into a dict, which the pytorch flavour refuses,
-        # so `mlflow.pyfunc` and `mlflow models serve` could not call the model
+        # unnamed tensors: pyfunc would hand a named input over as a dict
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, input_dim))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes))]))
         source = {k: v for k, v in run.data.tags.items() if k.startswith("mlflow.source.") or k == "mlflow.user"}
@@ -385,12 +470,14 @@ class RunLog:
         client.log_outputs(self.run_id, [mlflow.entities.LoggedModelOutput(logged.model_id, step=0)])
         card = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=self.run_id,
                      metadata=metadata, model_id=logged.model_id)
-        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow.pytorch"):
-            # pickle: the other format (pt2) traces one fixed graph; MLflow warns about pickle on every save
-            mlflow.pytorch.save_model(model, f"{tmp}/model", mlflow_model=card, signature=signature,
-                                      serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
-                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                        f"numpy=={np.__version__}"])
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "An input example was not provided")  # the signature says it all
+            # not mlflow.pytorch: it pickles the module, and its pt2 format fixes an LSTM's input length
+            logged_model.save(model, f"{tmp}/{logged_model.WEIGHTS}")
+            mlflow.pyfunc.save_model(f"{tmp}/model", loader_module="ctclab.logged_model", data_path=f"{tmp}/{logged_model.WEIGHTS}",
+                                     mlflow_model=card, signature=signature, code_paths=[str(Path(__file__).parent)],
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                       f"numpy=={np.__version__}"])
             client.log_model_artifacts(logged.model_id, f"{tmp}/model")
         client.finalize_logged_model(logged.model_id, "READY")
         return logged.model_id

@@ -28,7 +28,7 @@ from . import checkpoint, distributed, models, provenance, storage, tracking
 from .batching import bucket_batches, feasible
 from .config import Params, flatten
 from .data import Shard, read_meta
-from .errors import CtclabError
+from .errors import CtclabError, Interrupted, signal_name
 from .inference import device_name, evaluate_split, load_model, select_device
 from .metrics import score
 from .results import EPOCH_DECODER, HISTORY_COLUMNS, TIMING, DataMeta, EpochRow, TrainSummary
@@ -61,13 +61,6 @@ def trainable(train_set: Shard, dev_set: Shard, model: models.CTCModel, data_dir
               f"their labels after ×{model.downsample} downsampling; train leaves them out, dev scores them",
               file=sys.stderr)
     return train_idx, infeasible
-
-
-class TrainingInterrupted(CtclabError):
-    """SIGINT/SIGTERM: the training stopped at a batch boundary after saving where it was."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message, exit_code=128 + signum)  # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 
 class StopSignals:
@@ -116,7 +109,7 @@ class MidEpoch:
         self.last_save = time.monotonic()
         if stopping:
             signum = self.stop.signum or signal.SIGTERM  # a peer's signal: torchrun sends SIGTERM
-            raise TrainingInterrupted(signum, f"train: stopped by {signal.Signals(signum).name} in epoch "
+            raise Interrupted(signum, f"train: stopped by {signal_name(signum)} in epoch "
                                       f"{self.epoch + 1}/{t.cfg.epochs} after batch {step}/{self.n_batches}; "
                                       f"{t.resume_path} holds it and the next `dvc repro` continues from there")
 
@@ -295,7 +288,7 @@ def lead(t: Training, params: Params, meta: DataMeta, infeasible: dict, data_dir
         try:
             for epoch in range(state.epoch, t.cfg.epochs):
                 t.run_epoch(epoch, run, stop, progress)
-        except TrainingInterrupted:
+        except Interrupted:
             run.end("KILLED")
             raise
         summary = summarize(state.history, models.parameter_count(trainer.model), infeasible)

@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from . import tracking
+from . import config, tracking
 from .errors import CtclabError
 from .results import BEST, DEV, EVAL, VERIFIED_CURVES
 from .project import stage_command, stage_paths, tool_env
@@ -61,7 +60,7 @@ def typed(recorded: str, like):
 def write_params(worktree: Path, recorded: dict, beam_width: str | None, store: str) -> None:
     """The commit's params.yaml with the run's recorded values, its own tracking store, no study."""
     path = worktree / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
+    raw = config.load_yaml(path.read_text())
     for key, value in recorded.items():
         node, *parents = raw, *key.split(".")[:-1]
         for p in parents:
@@ -73,7 +72,7 @@ def write_params(worktree: Path, recorded: dict, beam_width: str | None, store: 
         raw["decode"]["beam_width"] = int(beam_width)
     raw["tracking"]["uri"] = store
     raw["study"] = {k: "" for k in raw.get("study", {})}
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(config.dump_yaml(raw))
 
 
 def compare(recorded, recorded_curves: dict, again, again_curves: dict) -> Outcome:
