@@ -291,14 +291,14 @@ def generate(out: str | Path, seed: int, sizes: dict[str, int], min_words: int =
             for split in SPLITS for i in range(sizes[split])]
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     pool = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_worker_init)
-    results = pool.map(_render_in_child, jobs, chunksize=4)
     try:
+        results = pool.map(_render_in_child, jobs, chunksize=4)
         for job, row in tqdm(zip(jobs, results), total=len(jobs), desc="synthesising corpus",
                              unit="utt", disable=not progress, file=sys.stderr,
                              mininterval=1 if sys.stderr.isatty() else 30):
             rows[job.split].append(row)
-    finally:  # interrupted: the jobs not started are dropped, the workers finish theirs and exit quietly
-        pool.shutdown(cancel_futures=True)
+    finally:  # interrupted (even while submitting): jobs not started are dropped, the workers finish theirs
+        pool.shutdown(cancel_futures=True)  # and exit quietly, before fetch removes the half-made folder
     for split in SPLITS:
         storage.write_text(out / split / "manifest.jsonl",
                            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows[split]))
