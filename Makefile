@@ -7,10 +7,15 @@ STAMP := $(VENV)/.ctclab-installed
 .PHONY: install run test ui clean
 install: $(STAMP)
 
-# torch first, from the CPU build pinned here, so no dependency resolves it to a CUDA build.
+# torch first, so no dependency resolves it to another build. Without an NVIDIA GPU (no working
+# nvidia-smi) the CPU build: PyTorch's CPU index is added, whose 2.13.0+cpu pip prefers to PyPI's
+# CUDA build (several GB of nvidia wheels); where that index cannot be reached, a local wheel or
+# PyPI's still serve. With a GPU, PyPI's CUDA build. TORCH_INDEX=<url> overrides (e.g. a cu12x
+# index); TORCH_INDEX= (empty) takes pip's own configuration as it is.
+TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null | grep -m1 GPU),,https://download.pytorch.org/whl/cpu)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --retries 1 torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

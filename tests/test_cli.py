@@ -39,3 +39,15 @@ def test_ui_serves_the_project_store(tmp_path):
 def test_outside_a_project_is_one_line(tmp_path):
     r = run(tmp_path, sys.executable, "-m", "ctclab", "run", check=False)
     assert r.returncode == 2 and "not inside a ctclab project" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_curves_draws_the_training_history_offline(tmp_path):
+    project = make_project(tmp_path / "p", git=False)
+    missing = run(project, sys.executable, "-m", "ctclab", "curves", check=False)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "run the train stage first" in missing.stderr
+    (project / "metrics").mkdir()
+    (project / "metrics/train_history.csv").write_text(
+        "epoch,train_loss,dev_loss,dev_lev_greedy,dev_per,lr\n1,3.0,60.0,9.0,0.5,0.001\n2,2.0,50.0,4.0,0.2,0.0005\n")
+    out = run(project, sys.executable, "-m", "ctclab", "curves").stdout
+    assert out.startswith("curves: metrics/train_curves.png (train_loss, dev_loss, dev_lev_greedy, dev_per against epoch")
+    assert (project / "metrics/train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,6 +116,9 @@ def test_verify_reexecutes_the_run_and_says_match(repro):
     assert out.stdout.splitlines() == ["same hardware: bit-identical expected", "packages as recorded",
                                        "MATCH (8 checks)"], out.stdout
     assert f"verify: run {run_id} (commit " in out.stderr and "re-executing train → evaluate" in out.stderr
+    progress = [l for l in out.stderr.splitlines() if l.startswith("verify: ") and "…" in l or l.startswith("verify:   ")]
+    assert progress[0] == "verify: train …" and "verify: evaluate …" in progress, out.stderr  # it says what runs
+    assert sum(l.startswith("verify:   epoch ") for l in progress) == 2, out.stderr  # each epoch as it ends
     assert run(project, "git", "worktree", "list").stdout.count("\n") == 1  # the temporary worktree is gone
     # a commit this repository lacks: one line, exit 2, nothing re-executed
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -164,7 +167,13 @@ def test_ctclab_run_passes_flags_to_dvc_repro(repro):
     project, _ = repro
     out = run(project, sys.executable, "-m", "ctclab", "run", "-f", "-s", "evaluate").stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
-    assert "stage      evaluate" in out.split("ctclab summary")[1]
+    summary = out.split("ctclab summary")[1]
+    assert "stage      evaluate" in summary
+    # files this run did not make or confirm are marked, not passed off as its results
+    lines = {line.split()[0]: line for line in summary.splitlines() if line.strip()}
+    assert lines["train"].endswith("[not from this run: its stage did not run]")
+    assert lines["submission"].endswith("[not from this run: its stage did not run]")
+    assert "not from this run" not in lines["evaluate"]
 
 
 def test_changing_only_beam_width_reruns_evaluate_and_submit_but_not_train(repro):

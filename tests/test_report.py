@@ -19,6 +19,18 @@ def test_per_seed_table_lists_every_value_with_its_run():
     assert lines[3] == "| variant | seed 0 | seed 1 |"
     assert lines[5] == "| a | 2.000 (`a0a0a0a0`) | 2.500 (`a1a1a1a1`) |"
     assert lines[6] == "| b | 3.250 (`b0b0b0b0`) | – |"
+    assert lines[8] == "Every run is at commit `unknown`."  # hand-made runs record none
+
+
+def test_runs_from_several_commits_are_named_with_their_commit():
+    def at(commit, *args):
+        r = run(*args)
+        r.tags["mlflow.source.git.commit"] = commit * 40
+        return r
+    by_variant = report.latest_by_variant(STUDY, [at("1", "a", 0, 2.0), at("2", "a", 1, 2.5), at("2", "b", 0, 3.0)])
+    assert report.code_note(by_variant) == ("Runs by commit (one from an earlier commit was reused only where its "
+                                            "params and code equal the newest): `111111111111`: a s0; "
+                                            "`222222222222`: a s1, b s0.")
 
 
 def test_timings_compare_only_under_equal_contention():

@@ -15,7 +15,7 @@ import yaml
 from ctclab import report, studies, submission, tracking
 from ctclab.errors import CtclabError
 from conftest import make_fall2022, make_spring2022
-from project import REPO, AuthServer, MlflowServer, committed_project, env, run, survivors
+from project import REPO, AuthServer, MlflowServer, commit, committed_project, env, run, survivors
 
 SMOKE = {"seeds": [0, 1], "params": {"data.synthetic.train": 12, "data.synthetic.dev": 4, "data.synthetic.test": 2,
                                      "train.epochs": 1, "model.conv_lstm.hidden": 8, "model.conv_lstm.embed_dim": 8}}
@@ -125,23 +125,40 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
                           tracking_uri=uri).stdout
         assert "4 skipped (already complete), 2 failed" in again, again
 
-        # promote: the lowest-mean variant's best seed, registered with the verdict; then predict with it
+        # promote: the lowest-mean variant's best seed, registered with the verdict; then predict with it.
+        # A smoke study's model takes the alias `smoke`, never `champion`.
         out = study_cli(clones[0], "promote", "experiments/kaiming_smoke.yaml", "--smoke", tracking_uri=uri).stdout
         score = {(k.data.tags["variant"], k.data.tags["seed"]): k.data.metrics["eval_dev_lev_beam"] for k in kids}
         best = min(("on", "off"), key=lambda v: score[(v, "0")] + score[(v, "1")])
         seed = min(("0", "1"), key=lambda s: score[(best, s)])
-        version = client.get_model_version_by_alias("ctclab-conv_lstm", "champion")
+        version = client.get_model_version_by_alias("ctclab-conv_lstm", "smoke")
         assert (version.tags["variant"], version.tags["seed"]) == (best, seed), out
+        assert version.tags["smoke"] == "true" and version.tags["metric"] == "dev_lev_beam"
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.get_model_version_by_alias("ctclab-conv_lstm", "champion")
         winner = next(k for k in kids if (k.data.tags["variant"], k.data.tags["seed"]) == (best, seed))
         assert winner.outputs.model_outputs[0].model_id in version.source
         assert f"best variant {best}" in version.description and "verdict vs baseline:" in version.description
-        assert "ctclab-conv_lstm version 1 (alias champion)" in out
-        csv_text = run(clones[1], sys.executable, "-m", "ctclab", "predict", "--model", "models:/ctclab-conv_lstm@champion",
+        assert "ctclab-conv_lstm version 1 (alias smoke; a new alias)" in out
+
+        # the alias never moves to a model that scored worse on the same data, unless told to
+        better = tracking.open_store(uri, clones[0]).register(
+            winner.outputs.model_outputs[0].model_id, "ctclab-conv_lstm", "smoke", "a better one",
+            {"metric": "dev_lev_beam", "dev_lev_beam": 0.5, "data_hash": version.tags["data_hash"], "study": "other"})
+        kept = study_cli(clones[0], "promote", "experiments/kaiming_smoke.yaml", "--smoke", tracking_uri=uri, check=False)
+        assert kept.returncode == 2 and kept.stderr.count("\n") == 1, kept.stderr
+        assert (f"ctclab-conv_lstm@smoke is version {better}, dev_lev_beam 0.500 on the same data (study other); this "
+                f"study's best scores {score[(best, seed)]:.3f}: the alias stays where it is") in kept.stderr
+        assert client.get_model_version_by_alias("ctclab-conv_lstm", "smoke").version == better
+        forced = study_cli(clones[0], "promote", "experiments/kaiming_smoke.yaml", "--smoke", "--force",
+                           tracking_uri=uri).stdout
+        assert f"it pointed at version {better}, dev_lev_beam 0.500 on the same data (--force)" in forced
+        csv_text = run(clones[1], sys.executable, "-m", "ctclab", "predict", "--model", "models:/ctclab-conv_lstm@smoke",
                        "--mfcc", str(make_spring2022(tmp_path / "spring", dim=13)), "--beam", "2",
                        env={"MLFLOW_TRACKING_URI": uri}).stdout
         lines = csv_text.splitlines()
         assert lines[0] == "id,predictions" and [l.split(",")[0] for l in lines[1:]] == [str(i) for i in range(6)], csv_text
-        champion = tracking.open_store(uri, clones[1]).load_model("models:/ctclab-conv_lstm@champion")
+        champion = tracking.open_store(uri, clones[1]).load_model("models:/ctclab-conv_lstm@smoke")
         fall = submission.predict(champion, make_fall2022(tmp_path / "fall", dim=13), 2, 1).splitlines()
         assert fall[0] == "index,label" and len(fall) == 7  # the other layout, in its own format
 
@@ -179,6 +196,17 @@ def test_beam_width_study_trains_exactly_once(tmp_path):
     [linked] = client.get_run(reuse.info.run_id).inputs.model_inputs  # the model column shows the shared model
     assert linked.model_id == client.get_run(trainings[0].info.run_id).outputs.model_outputs[0].model_id
 
+    # the same command again: nothing to do; after a committed param change, both run (and train) again
+    assert "0 ran, 2 skipped" in study_cli(project, "run", "experiments/beam_smoke.yaml", "--smoke", "-j", "1").stdout
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("lr: 0.002", "lr: 0.003"))
+    commit(project, "a higher lr")
+    again = study_cli(project, "run", "experiments/beam_smoke.yaml", "--smoke", "-j", "1").stdout
+    assert "study beam_smoke: b1 seed 0 runs again: params changed (train.lr 0.002 → 0.003)" in again, again
+    assert "2 ran, 0 skipped" in again, again
+    newest = all_runs(project, "ctclab/beam_smoke-smoke")
+    assert len([r for r in newest if "training_run_id" not in r.data.tags and "mlflow.parentRunId" in r.data.tags]) == 2
+
 
 def test_untracked_code_is_refused_and_a_dead_worker_is_replaced_once(tmp_path, monkeypatch, capsys):
     # its one experiment fails at once (fetch): the runner's waiting is what this test is about
@@ -193,10 +221,18 @@ def test_untracked_code_is_refused_and_a_dead_worker_is_replaced_once(tmp_path, 
     assert "untracked src/ctclab/new_module.py would be left out of the queued experiments" in r.stderr
     assert "notes.txt" not in r.stderr
     assert "s-a-s0-smoke" not in run(project, sys.executable, "-m", "dvc", "queue", "status").stdout
+    # an edit `dvc exp run -S` (or a hand) left in params.yaml would run in every experiment unrecorded
+    (project / "src/ctclab/new_module.py").unlink()
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("beam_width: 4", "beam_width: 25"))
+    r = study_cli(project, "run", "experiments/s.yaml", "--smoke", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "uncommitted changes to params.yaml would run in every experiment of the study" in r.stderr
+    assert "(git checkout -- params.yaml)" in r.stderr
+    (project / "params.yaml").write_text(params)
 
     # The first workers die before taking anything (as DVC's sometimes do): after WORKERLESS_SECONDS
     # with the experiment still queued, the runner starts workers once more, and then it runs.
-    (project / "src/ctclab/new_module.py").unlink()
     real_start, starts = studies.start_workers, []
     monkeypatch.setattr(studies, "start_workers", lambda root, jobs: starts.append(jobs) or (
         real_start(root, jobs) if len(starts) > 1 else None))
@@ -310,3 +346,36 @@ def test_a_server_with_accounts_refuses_in_one_line_before_any_training_and_lets
             for r in runs:
                 recorded = " ".join([*r.data.params.values(), *r.data.tags.values()])
                 assert "editor-password-456" not in recorded
+
+
+def test_a_finished_run_stands_for_a_variant_only_with_the_same_params_and_code(tmp_path):
+    """What decides reuse, on a real repository: the resolved params every stage depends on and the
+    code at the run's (clean) commit; each difference is named."""
+    study = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": {"train.lr": 0.003}}],
+             "seeds": [0], "smoke": {**SMOKE, "seeds": [0]}}
+    project = study_project(tmp_path, study)
+    loaded = studies.load(project / "experiments/s.yaml", project / "params.yaml")
+    identity = studies.Identity(loaded, project, smoke=True)
+    variant, head = loaded.variants[0], run(project, "git", "rev-parse", "HEAD").stdout.strip()
+    params = identity.params(variant, 0)
+    assert params["train.lr"] == "0.003" and params["train.seed"] == "0" and params["data.synthetic.train"] == "12"
+    assert "train.resume" not in params and "decode.workers" not in params and not any(k.startswith("study") for k in params)
+    assert "decode.beam_width" in params and "model.conv_lstm.hidden" in params  # what evaluate and train depend on
+
+    def recorded(params, commit=head, dirty=""):
+        return tracking.RunRecord("r" * 32, "FINISHED", 0, {**params, "tracking.uri": "anything"}, {},
+                                  {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower(),
+                                   "git_dirty_files": dirty})
+    assert identity.why_not(recorded(params), variant, 0) is None
+    assert identity.why_not(recorded(params, dirty="params.yaml"), variant, 0) is None  # a queued experiment's -S
+    assert identity.why_not(recorded({**params, "train.lr": "0.002"}), variant, 0) == \
+        "params changed (train.lr 0.002 → 0.003)"
+    assert identity.why_not(recorded(params, dirty="params.yaml src/ctclab/train.py"), variant, 0) == \
+        "its run was trained from uncommitted code"
+    assert identity.why_not(recorded(params, commit="f" * 40), variant, 0).startswith("its commit ffffffffffff is not")
+    (project / "README.md").write_text("not code\n")
+    metrics = project / "src/ctclab/metrics.py"
+    metrics.write_text(metrics.read_text() + "\n# a change\n")
+    commit(project, "a code change")
+    fresh = studies.Identity(loaded, project, smoke=True)
+    assert fresh.why_not(recorded(params), variant, 0) == f"code changed since its commit {head[:12]} (src/ctclab/metrics.py)"

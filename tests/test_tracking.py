@@ -110,7 +110,8 @@ def test_provenance_names_commit_dirt_and_versions(tmp_path):
     assert len(clean["mlflow.source.git.commit"]) == 40 and clean["git_dirty"] == "false"
     assert clean["mlflow.source.git.branch"] in ("master", "main") and clean["data_hash"] == "abc"
     (tmp_path / "f").write_text("changed")
-    assert provenance.tags(tmp_path, "abc", "cpu", "x86_64")["git_dirty"] == "true"
+    dirty = provenance.tags(tmp_path, "abc", "cpu", "x86_64")
+    assert dirty["git_dirty"] == "true" and dirty["git_dirty_files"] == "f" and clean["git_dirty_files"] == ""
     assert "+changed" in provenance.git_diff(tmp_path)
     outside = tmp_path / "not-a-repo"
     outside.mkdir()

@@ -4,10 +4,11 @@
                                    summary (data, utterances, stage times, metrics)
     ctclab ui [--port 5000]        the MLflow UI on the project's tracking store (tracking.uri)
     ctclab study run|report        ablation studies from experiments/<study>.yaml (see ctclab.studies)
-    ctclab study promote STUDY     register the study's best variant as ctclab-<arch>@champion
+    ctclab study promote STUDY     register the study's best variant as ctclab-<arch>@champion (--smoke: @smoke)
     ctclab verify RUN              re-execute a recorded run and compare (MATCH or a table of differences)
     ctclab predict --model URI --mfcc DIR [--beam N] > out.csv
                                    decode MFCC files with a logged/registered MLflow model
+    ctclab curves [--out PNG]      the training's learning curves (dvc.yaml's plot) as a PNG, offline
     ctclab params --schema         the JSON schema of params.yaml
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .errors import interrupted, one_line_errors
 from .project import repo_root, tool_env
 
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
-_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
+_SKIPPED = re.compile(r"^Stage '([^']+)' (?:didn't change, skipping|is cached - skipping run)")
 
 
 def repro(args: list[str], cwd: Path) -> tuple[int, dict[str, float | None]]:
@@ -92,17 +93,21 @@ def summary(root: Path, times: dict[str, float | None], total: float) -> str:
                      f"{meta.bad_utterances} bad")
     for stage, seconds in times.items():
         lines.append(f"stage      {stage:<11} {'cached' if seconds is None else f'{seconds:6.1f} s'}")
+    def earlier(stage: str) -> str:  # a file this repro did not make or confirm: say so, not pass it off as new
+        return "" if stage in times else "  [not from this run: its stage did not run]"
     train = _read_json(train_at["metrics"] / "train.json")
     if train:
         best = TrainSummary(**train)
         lines.append(f"train      dev greedy Levenshtein {best.dev_lev_greedy:.3f}, PER {best.dev_per:.1%} "
-                     f"(best of {best.epochs} epochs); MLflow run {_training_run(root, train_at['models'] / 'best.pt')}")
+                     f"(best of {best.epochs} epochs); MLflow run {_training_run(root, train_at['models'] / 'best.pt')}"
+                     + earlier("train"))
     ev = _read_json(eval_at["metrics"] / "eval.json")
     if ev:
-        lines.append(f"evaluate   {describe_eval(ev)}")
+        lines.append(f"evaluate   {describe_eval(ev)}{earlier('evaluate')}")
     sub, sub_metrics = submit_at["out"], _read_json(submit_at["metrics"] / "submit.json")
     if sub.is_file() and sub_metrics:
-        lines.append(f"submission {sub.relative_to(root)} ({sub_metrics['rows']} rows){describe_test(sub_metrics)}")
+        lines.append(f"submission {sub.relative_to(root)} ({sub_metrics['rows']} rows){describe_test(sub_metrics)}"
+                     + earlier("submit"))
     lines.append(f"total      {total:.1f} s")
     return "\n".join(lines)
 
@@ -128,6 +133,19 @@ def cmd_ui(a) -> int:
     # exec, not a child: signals reach the server (and its workers) directly
     os.execve(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", a.host, "--port", str(a.port)], tool_env())
+
+
+def cmd_curves(a) -> int:
+    from .project import history_plot
+    from .report import plot_history
+
+    root = repo_root()
+    csv, x, ys = history_plot(root)
+    out = Path(a.out) if a.out else csv.with_name("train_curves.png")
+    plot_history(csv, out, x, ys)
+    shown = out.relative_to(root) if out.is_relative_to(root) else out
+    print(f"curves: {shown} ({', '.join(ys)} against {x}, from {csv.relative_to(root)})")
+    return 0
 
 
 def cmd_params(a) -> int:
@@ -176,7 +194,7 @@ def cmd_study_promote(a) -> int:
     from . import report, studies
 
     root = repo_root()
-    print(report.promote(studies.load(a.study, root / "params.yaml"), root, a.smoke))
+    print(report.promote(studies.load(a.study, root / "params.yaml"), root, a.smoke, a.force))
     return 0
 
 
@@ -218,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+    p = sub.add_parser("curves", help="the training's learning curves as a PNG, offline (dvc.yaml's plot)")
+    p.add_argument("--out", help="the PNG (default: beside train_history.csv, train_curves.png)")
+    p.set_defaults(func=cmd_curves)
     p = sub.add_parser("params", help="check params.yaml, or print its JSON schema")
     p.add_argument("--schema", action="store_true", help="print the JSON schema (for editors)")
     p.set_defaults(func=cmd_params)
@@ -233,9 +254,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("study")
     q.add_argument("--smoke", action="store_true")
     q.set_defaults(func=cmd_study_report)
-    q = ssub.add_parser("promote", help="register the report's best variant (its best seed) as ctclab-<arch>@champion")
+    q = ssub.add_parser("promote", help="register the report's best variant (its best seed) as ctclab-<arch>@champion "
+                                        "(@smoke for --smoke)")
     q.add_argument("study")
     q.add_argument("--smoke", action="store_true")
+    q.add_argument("--force", action="store_true", help="move the alias even from a model that scored better on the same data")
     q.set_defaults(func=cmd_study_promote)
     p = sub.add_parser("verify", help="re-execute a recorded run (train → evaluate) and compare: MATCH or the differences")
     p.add_argument("run", help="an MLflow run id, or a DVC experiment / run name")

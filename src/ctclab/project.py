@@ -55,6 +55,32 @@ def stage_command(root: Path, stage: str) -> list[str]:
     return [sys.executable, *args[1:]] if args and args[0] == "python" else args
 
 
+def stage_params(root: Path) -> set[str]:
+    """Every params key (or section) some stage of dvc.yaml depends on: what can change a result."""
+    from .config import YAMLError, load_yaml
+
+    dvc_yaml = Path(root) / "dvc.yaml"
+    try:
+        stages = load_yaml(dvc_yaml.read_text())["stages"]
+        return {k for stage in stages.values() for k in stage.get("params", [])}
+    except (OSError, YAMLError, KeyError, TypeError, AttributeError) as err:
+        raise CtclabError(f"{dvc_yaml}: no readable stages with params ({type(err).__name__}); expected the "
+                          "project's dvc.yaml") from None
+
+
+def history_plot(root: Path) -> tuple[Path, str, list[str]]:
+    """dvc.yaml's learning-curve plot: (its CSV, x column, y columns)."""
+    from .config import YAMLError, load_yaml
+
+    dvc_yaml = Path(root) / "dvc.yaml"
+    try:
+        [(path, spec)] = load_yaml(dvc_yaml.read_text())["plots"][0].items()
+        return Path(root) / path, spec["x"], list(spec["y"])
+    except (OSError, YAMLError, KeyError, TypeError, IndexError, ValueError) as err:
+        raise CtclabError(f"{dvc_yaml}: no readable `plots` entry with x and y ({type(err).__name__}); expected "
+                          "the project's dvc.yaml") from None
+
+
 def command_paths(args: list[str]) -> dict[str, str]:
     """The `--name path` pairs of a stage command's arguments, as written."""
     return {a[2:]: b for a, b in zip(args, args[1:]) if a.startswith("--")}

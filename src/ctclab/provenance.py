@@ -34,6 +34,8 @@ def tags(root: Path, data_hash: str, device: str, device_name: str) -> dict[str,
         "mlflow.source.git.commit": git(root, "rev-parse", "HEAD") or "unknown",
         "mlflow.source.git.branch": git(root, "rev-parse", "--abbrev-ref", "HEAD") or "unknown",
         "git_dirty": str(bool(dirty)).lower(),
+        # which: a queued DVC experiment's own edit is params.yaml (its -S values; the run's params say them)
+        "git_dirty_files": " ".join(git(root, "diff", "--name-only", "HEAD").split())[:4000],
         "data_hash": data_hash,
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),

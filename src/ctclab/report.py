@@ -140,7 +140,20 @@ def per_seed(study: Study, by_variant: dict[str, dict[int, tracking.RunRecord]])
         rs = by_variant[v.name]
         cells = [f"{score(rs[s], study.metric):.3f} (`{rs[s].run_id[:8]}`)" if s in rs else "–" for s in seeds]
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", code_note(by_variant)]
+
+
+def code_note(by_variant: dict[str, dict[int, tracking.RunRecord]]) -> str:
+    """Which commits the runs come from: a re-run study reuses a finished run only when its params
+    and code equal what would run now (ctclab.studies.Identity), so several commits can appear."""
+    commits: dict[str, list[str]] = {}
+    for v, rs in by_variant.items():
+        for s, r in sorted(rs.items()):
+            commits.setdefault(r.tags.get("mlflow.source.git.commit", "unknown")[:12], []).append(f"{v} s{s}")
+    if len(commits) == 1:
+        return f"Every run is at commit `{next(iter(commits))}`."
+    return "Runs by commit (one from an earlier commit was reused only where its params and code equal the newest): " + "; ".join(
+        f"`{c}`: {', '.join(runs)}" for c, runs in commits.items()) + "."
 
 
 def timing_note(by_variant: dict[str, dict[int, tracking.RunRecord]]) -> str:
@@ -171,6 +184,31 @@ def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison
     return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {p} | {word} | "
             f"{first.params.get('parameter_count', first.tags.get('parameter_count', '?'))} | "
             f"{train_s:.{0 if train_s >= 10 else 1}f} | {_contention(rs)} | {decode:.0f} | {ids} |")
+
+
+def plot_history(csv: Path, png: Path, x: str, ys: list[str]) -> None:
+    """A training's learning curves (train_history.csv, one panel per column) as a PNG: what
+    `dvc plots show` draws, without the Vega scripts it loads from the network."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:
+        history = pd.read_csv(csv)
+    except (OSError, ValueError) as err:
+        raise CtclabError(f"{csv}: no readable training history ({type(err).__name__}); run the train stage "
+                          "first (dvc repro train)") from None
+    fig, axes = plt.subplots(1, len(ys), figsize=(3.2 * len(ys), 3), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        ax.plot(history[x], history[y], marker="o")
+        ax.set_xlabel(x)
+        ax.set_title(y)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def _plot_curves(study: Study, by_variant: dict, png: Path, store: tracking.Store) -> None:
@@ -236,9 +274,12 @@ def _diff(v: Variant, study: Study) -> str:
     return ", ".join(f"`{k}={val}`" for k, val in diff.items()) or "–"
 
 
-def promote(study: Study, root: Path, smoke: bool = False) -> str:
+def promote(study: Study, root: Path, smoke: bool = False, force: bool = False) -> str:
     """Register the study's best variant (lowest mean; its best seed's model) as `ctclab-<arch>`,
-    alias `champion`, with the study's verdict for it in the version's description."""
+    with the study's verdict for it in the version's description, and point the alias at it:
+    `champion`, or `smoke` for a smoke study (never champion). An alias already on a model that
+    scored better on the same metric and data stays there unless `force`; the line says what the
+    alias pointed at before."""
     parent = parent_run(study, smoke, root, create=False)
     by_variant = latest_by_variant(study, parent.children())
     means = {v: mean_std([score(r, study.metric) for r in rs.values()])[0] for v, rs in by_variant.items() if rs}
@@ -251,18 +292,40 @@ def promote(study: Study, root: Path, smoke: bool = False) -> str:
     if model_id is None:
         raise CtclabError(f"study {study.name}: the best run ({best}, seed {seed}, MLflow run {training_run}) has no "
                           "logged model (recorded before ctclab logged models); re-run the study")
+    arch, alias = child.params.get("model.arch", "model"), "smoke" if smoke else "champion"
+    name, value, data = f"ctclab-{arch}", score(child, study.metric), child.tags.get("data_hash", "")
+    before = _against_current(parent.store.alias_version(name, alias), name, alias, study.metric, value, data, force)
+    description = (f"Study {study.name}{' (smoke)' if smoke else ''}: best variant {best} (mean {study.metric} "
+                   f"{means[best]:.3f} over {len(by_variant[best])} seeds; this is seed {seed}, {value:.3f}); "
+                   f"verdict vs baseline: {_promoted_verdict(study, by_variant, best)}. Question: {study.question}")
+    version = parent.store.register(model_id, name, alias, description,
+                                    {"study": study.name, "variant": best, "seed": seed, "smoke": str(smoke).lower(),
+                                     "training_run_id": training_run, "metric": study.metric, study.metric: value,
+                                     "data_hash": data})
+    return f"{name} version {version} (alias {alias}; {before}): {description}"
+
+
+def _promoted_verdict(study: Study, by_variant: dict, best: str) -> str:
     comparison = compare(study, by_variant).get(best)
     if best == study.baseline.name:
-        word = "the baseline, and no variant beat it"
-    elif comparison is None or not comparison.diffs:
-        word = "not compared (no seed shared with the baseline)"
-    else:
-        word = comparison.verdict()
-    arch = child.params.get("model.arch", "model")
-    description = (f"Study {study.name}{' (smoke)' if smoke else ''}: best variant {best} (mean {study.metric} "
-                   f"{means[best]:.3f} over {len(by_variant[best])} seeds; this is seed {seed}, "
-                   f"{score(child, study.metric):.3f}); verdict vs baseline: {word}. Question: {study.question}")
-    version = parent.store.register(model_id, f"ctclab-{arch}", "champion", description,
-                                      {"study": study.name, "variant": best, "seed": seed,
-                                       "training_run_id": training_run, study.metric: score(child, study.metric)})
-    return f"ctclab-{arch} version {version} (alias champion): {description}"
+        return "the baseline, and no variant beat it"
+    if comparison is None or not comparison.diffs:
+        return "not compared (no seed shared with the baseline)"
+    return comparison.verdict()
+
+
+def _against_current(current: tuple[str, dict] | None, name: str, alias: str, metric: str, value: float, data: str,
+                     force: bool) -> str:
+    """What `name@alias` pointed at before, refusing to move it to a worse model on the same data."""
+    if current is None:
+        return "a new alias"
+    version, tags = current
+    comparable = tags.get("metric") == metric and tags.get("data_hash") == data and data
+    if not comparable:
+        return f"it pointed at version {version}, not compared: another metric or data"
+    held = float(tags[metric])
+    if held < value and not force:
+        raise CtclabError(f"{name}@{alias} is version {version}, {metric} {held:.3f} on the same data (study "
+                          f"{tags.get('study', '?')}); this study's best scores {value:.3f}: the alias stays where it "
+                          f"is (`ctclab study promote … --force` moves it anyway)")
+    return f"it pointed at version {version}, {metric} {held:.3f} on the same data" + (" (--force)" if held < value else "")

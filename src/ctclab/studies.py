@@ -38,7 +38,7 @@ from . import config, models, study_runs, tracking
 from .decoders import available
 from .errors import CtclabError
 from .results import DEV, EVAL, SUBMIT_DECODER, eval_metrics, lev, recorded
-from .project import tool_env
+from .project import stage_params, tool_env
 
 # How long the runner waits with experiments pending and no queue worker alive before it stops.
 WORKERLESS_SECONDS = 30
@@ -183,19 +183,71 @@ def finished(child: tracking.RunRecord, metric: str) -> bool:
     return child.status == "FINISHED" and score(child, metric) is not None
 
 
+class Identity:
+    """What a variant × seed would run now, to tell whether a finished run stands for it: the same
+    resolved params (every key a stage of dvc.yaml depends on, study.* aside) and the same code
+    (src/, pipeline/, dvc.yaml unchanged since the run's commit, which was clean). The data follows
+    from both: it is made by fetch and preprocess from those params and that code."""
+
+    CODE = ("src", "pipeline", "dvc.yaml")
+    # what a queued DVC experiment changes in its copy of the commit: params.yaml (its -S values,
+    # compared as params) and DVC's own record
+    EXPERIMENT_EDITS = {"params.yaml", "dvc.lock"}
+
+    def __init__(self, study: Study, root: Path, smoke: bool):
+        self.study, self.root, self.smoke = study, root, smoke
+        self.base = config.load_params(root / "params.yaml")
+        # study.* differs between children by design; submit.* decides only the upload, not a dev score
+        self.keys = {k for k in stage_params(root) if not k.startswith(("study", "submit"))}
+        self._same_code: dict[str, str | None] = {}
+
+    def params(self, variant: Variant, seed: int) -> dict[str, str]:
+        """The resolved params that decide its result, as MLflow records them (strings)."""
+        resolved = config.with_overrides(self.base, self.study.overrides(variant, seed, self.smoke), str(self.study.path))
+        return {k: str(v) for k, v in config.flatten(resolved).items()
+                if any(k == p or k.startswith(p + ".") for p in self.keys)}
+
+    def why_not(self, run: tracking.RunRecord, variant: Variant, seed: int) -> str | None:
+        """Why `run` cannot stand for this variant × seed now; None when it can."""
+        differ = [f"{k} {run.params.get(k, 'unrecorded')} → {v}" for k, v in self.params(variant, seed).items()
+                  if run.params.get(k) != v]
+        if differ:
+            return f"params changed ({'; '.join(differ[:3])}{' …' if len(differ) > 3 else ''})"
+        if run.tags.get("git_dirty") != "false" and not set(run.tags.get("git_dirty_files", "?").split()) <= self.EXPERIMENT_EDITS:
+            return "its run was trained from uncommitted code"
+        return self._code_changed(run.tags.get("mlflow.source.git.commit", ""))
+
+    def _code_changed(self, commit: str) -> str | None:
+        if commit not in self._same_code:
+            r = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *self.CODE], cwd=self.root,
+                               capture_output=True, text=True)
+            changed = r.stdout.split()
+            self._same_code[commit] = (f"its commit {commit[:12]} is not in this repository" if r.returncode or not commit
+                                       else f"code changed since its commit {commit[:12]} ({', '.join(changed[:3])}"
+                                            f"{' …' if len(changed) > 3 else ''})" if changed else None)
+        return self._same_code[commit]
+
+
 def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent: study_runs.ParentRun):
-    """Queue every variant × seed without a finished child run; return (queued, skipped) names.
-    One still queued or running from an interrupted `ctclab study run` is waited for, not queued again."""
-    done = {(c.tags.get("variant"), c.tags.get("seed")) for c in parent.children() if finished(c, study.metric)}
+    """Queue every variant × seed without a finished child run that stands for what would run now
+    (Identity); return (queued, skipped) names. One still queued or running from an interrupted
+    `ctclab study run` is waited for, not queued again."""
+    latest = {(c.tags.get("variant"), c.tags.get("seed")): c
+              for c in sorted(parent.children(), key=lambda c: c.start_time) if finished(c, study.metric)}
+    identity = Identity(study, root, smoke)
     names = [study.exp_name(v, s, smoke) for v in study.variants for s in seeds]
     in_queue = {n for n, state in queue_states(root, names)[0].items() if state in ("Queued", "Running")}
     queued, skipped = [], []
     for v in study.variants:
         for s in seeds:
             name = study.exp_name(v, s, smoke)
-            if (v.name, str(s)) in done:
+            done = latest.get((v.name, str(s)))
+            stale = identity.why_not(done, v, s) if done is not None else None
+            if done is not None and stale is None:
                 skipped.append(name)
                 continue
+            if stale:
+                print(f"study {study.name}: {v.name} seed {s} runs again: {stale}", flush=True)
             if name in in_queue:
                 queued.append(name)
                 continue
@@ -213,19 +265,30 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
 CODE_PATHS = ("src", "pipeline", "params.yaml", "dvc.yaml")
 
 
-def untracked_code(root: Path) -> list[str]:
+def uncommitted_code(root: Path) -> tuple[list[str], list[str]]:
+    """(untracked, modified) files under CODE_PATHS: a queued experiment would leave the first out
+    and silently take the second, and a study's runs must be the commit they record."""
     out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS], cwd=root,
                          capture_output=True, text=True).stdout
-    return [line[3:] for line in out.splitlines() if line.startswith("?? ")]
+    lines = out.splitlines()
+    return [l[3:] for l in lines if l.startswith("?? ")], [l[3:] for l in lines if l and not l.startswith("?? ")]
+
+
+def _listed(files: list[str]) -> str:
+    return f"{', '.join(files[:5])}{' …' if len(files) > 5 else ''}"
 
 
 def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | None = None,
               smoke: bool = False, poll_seconds: float = 2.0) -> dict:
     seeds = tuple(seeds or (study.smoke_seeds if smoke else study.seeds))
-    unseen = untracked_code(root)
+    unseen, changed = uncommitted_code(root)
     if unseen:
-        raise CtclabError(f"{root}: untracked {', '.join(unseen[:5])}{' …' if len(unseen) > 5 else ''} would be left "
-                          "out of the queued experiments (DVC queues tracked files only); `git add` or remove them")
+        raise CtclabError(f"{root}: untracked {_listed(unseen)} would be left out of the queued experiments (DVC "
+                          "queues tracked files only); `git add` or remove them")
+    if changed:
+        raise CtclabError(f"{root}: uncommitted changes to {_listed(changed)} would run in every experiment of the "
+                          "study while its runs record the commit without them; commit them (git commit -am …) or "
+                          f"reset them (git checkout -- {' '.join(changed[:5])})")
     parent = parent_run(study, smoke, root)
     parent.note_start(seeds)
     t0 = time.monotonic()

@@ -342,6 +342,14 @@ class Store:
         self.client.set_registered_model_alias(name, alias, version)
         return str(version)
 
+    def alias_version(self, name: str, alias: str) -> tuple[str, dict] | None:
+        """The version `name@alias` points at, with its tags; None when there is no such alias."""
+        try:
+            version = self.client.get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException:
+            return None
+        return str(version.version), dict(version.tags)
+
     def load_model(self, model_uri: str):
         """A logged or registered model (`models:/ctclab-conv_lstm@champion`, `models:/<model id>`,
         `runs:/<id>/model`, or a folder)."""

@@ -203,7 +203,8 @@ class Training:
             return
         state.unsent.append(({**row.values(), **timing}, epoch + 1))
         run.send(state.unsent)  # a lost tracking server must not stop the training
-        print(f"{desc}: train loss {row.train_loss:.3f}, dev loss {dev_loss:.3f}, dev greedy distance "
+        # two units: the optimised CTC loss is per target phoneme (CTCLoss mean), the dev loss per utterance
+        print(f"{desc}: train loss {row.train_loss:.3f}/phoneme, dev loss {dev_loss:.3f}/utterance, dev greedy distance "
               f"{distance:.3f}, PER {per:.1%} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         checkpoint.write_epoch(ckpt, self.out_dir, self.resume_path, improved, run.run_id)
 

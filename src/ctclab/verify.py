@@ -131,13 +131,27 @@ def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _stage(worktree: Path, name: str) -> None:
-    """Run a stage as the recorded commit's dvc.yaml says (its script, its paths)."""
+    """Run a stage as the recorded commit's dvc.yaml says (its script, its paths), saying as it goes
+    which stage runs and each epoch's line (a re-training can take as long as the training did)."""
     env = {**tool_env(), "PYTHONPATH": str(worktree / "src")}  # the recorded commit's code, not this checkout's
     env.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run(stage_command(worktree, name), cwd=worktree, env=env, capture_output=True, text=True)
-    if r.returncode:
-        last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise CtclabError(f"verify: the {name} stage failed in {worktree}: {last[0]}")
+    print(f"verify: {name} …", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(stage_command(worktree, name), cwd=worktree, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = "(no output)"
+    try:
+        for line in proc.stdout:
+            line = line.strip()
+            last = line or last
+            if line.startswith(("epoch ", f"{name}: ")):
+                print(f"verify:   {line}", file=sys.stderr, flush=True)
+        proc.wait()
+    except KeyboardInterrupt:  # the stage got a terminal's Ctrl-C too; a SIGTERM verify passes on
+        proc.terminate()
+        proc.wait()
+        raise
+    if proc.returncode:
+        raise CtclabError(f"verify: the {name} stage failed in {worktree}: {last}")
 
 
 def _processed(worktree: Path) -> Path:
