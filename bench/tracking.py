@@ -91,6 +91,10 @@ def mlflow_server(tmp: Path):
             pass
         yield url
     finally:
+        import psutil
+
+        # every descendant, also one that left the group (MLflow starts job subprocesses in new sessions)
+        family = psutil.Process(proc.pid).children(recursive=True)
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         with suppress(subprocess.TimeoutExpired):
@@ -98,6 +102,9 @@ def mlflow_server(tmp: Path):
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
         proc.wait()
+        for survivor in psutil.wait_procs(family, timeout=15)[1]:
+            with suppress(psutil.Error):
+                survivor.kill()
         log.close()
 
 

@@ -171,8 +171,14 @@ class MlflowServer:
         raise AssertionError("mlflow server did not start")
 
     def stop(self) -> None:
+        """Kill it as a lost server goes: the whole group, and any descendant that left the group."""
+        import psutil
+
+        family = psutil.Process(self.process.pid).children(recursive=True)
         os.killpg(self.process.pid, 9)
         self.process.wait()
+        for survivor in psutil.wait_procs(family, timeout=15)[1]:
+            survivor.kill()
 
     def __enter__(self) -> "MlflowServer":
         return self.start()

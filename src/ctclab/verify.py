@@ -143,7 +143,7 @@ def _stage(worktree: Path, name: str) -> None:
         for line in proc.stdout:
             line = line.strip()
             last = line or last
-            if line.startswith(("epoch ", f"{name}: ")):
+            if line.startswith(("epoch ", f"{name}: ")) and "%|" not in line:  # results, not progress bars
                 print(f"verify:   {line}", file=sys.stderr, flush=True)
         proc.wait()
     except KeyboardInterrupt:  # the stage got a terminal's Ctrl-C too; a SIGTERM verify passes on
