@@ -330,8 +330,9 @@ def interrupt_when(project, cmd: list[str], ready, sig: int) -> tuple[int, str, 
     `kill` or a scheduler does). Returns (exit code, stderr, processes of it still alive)."""
     import psutil
 
+    # SIGINT at its default, as under a terminal, also when the tests run as a background job (which ignores it)
     proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     me = psutil.Process(proc.pid)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not ready(me):
@@ -360,7 +361,7 @@ def workers_busy(n: int):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_fetch_interrupted_with_corpus_workers_leaves_nothing(repro, sig):
     project, _ = repro
-    out = project / "data" / "raw-interrupted"
+    out = project / "data" / f"raw-interrupted-{sig.name}"
     cmd = [*stage_command(project, "fetch")[:2], "--out", str(out)]
     partial = out.with_name(out.name + ".partial")
     code, err, alive = interrupt_when(project, cmd, lambda p: workers_busy(1)(p) and any(partial.rglob("*.npy")), sig)
@@ -375,7 +376,7 @@ def test_evaluate_interrupted_with_decode_workers_leaves_nothing(repro, sig):
     project, _ = repro
     original = (project / "params.yaml").read_text()
     set_param(project, "decode", "workers", 2)
-    metrics = project / "metrics" / "interrupted"
+    metrics = project / "metrics" / f"interrupted-{sig.name}"
     try:
         cmd = [*stage_command(project, "evaluate")[:2], "--data", "data/processed", "--models", "models",
                "--metrics", str(metrics)]
