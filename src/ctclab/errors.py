@@ -11,6 +11,7 @@ each worker, decides what happens.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import multiprocessing.forkserver
@@ -98,5 +99,11 @@ def one_line_errors(main):
                                "outputs not finished were removed, finished ones kept")
             print(f"ctclab: {stop}", file=sys.stderr)
             sys.exit(stop.exit_code)
+        finally:
+            # the entry point has ended: a SIGTERM now (torchrun stopping a rank, a second `kill`) ends the
+            # process as it always did, not as an exception inside interpreter shutdown (atexit handlers)
+            with contextlib.suppress(ValueError):
+                if signal.getsignal(signal.SIGTERM) is _raise_stopped:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     return wrapper

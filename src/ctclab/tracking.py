@@ -479,7 +479,7 @@ class RunLog:
         card = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=self.run_id,
                      metadata=metadata, model_id=logged.model_id)
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "An input example was not provided")  # the signature says it all
+            warnings.filterwarnings("ignore", ".*An input example was not provided")  # the signature says it all
             # not mlflow.pytorch: it pickles the module, and its pt2 format fixes an LSTM's input length
             logged_model.save(model, f"{tmp}/{logged_model.WEIGHTS}")
             mlflow.pyfunc.save_model(f"{tmp}/model", loader_module="ctclab.logged_model", data_path=f"{tmp}/{logged_model.WEIGHTS}",
