@@ -4,6 +4,7 @@ whose `python` and `dvc` are this interpreter's."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -41,44 +42,38 @@ def tool_env() -> dict[str, str]:
 
 # dvc.yaml is the one place the pipeline's paths are written: each stage's `cmd` passes them to its
 # script as `--name path` (as iterative/example-get-started does), beside the same paths as deps/outs.
-def stage_command(root: Path, stage: str) -> list[str]:
-    """A dvc.yaml stage's `cmd` as arguments, with this interpreter for its `python`."""
+@contextlib.contextmanager
+def _dvc_yaml(root: Path, wanted: str):
+    """dvc.yaml, parsed; a missing file, bad YAML or a missing `wanted` part read from it inside the
+    block is one line."""
     from .config import YAMLError, load_yaml
 
     dvc_yaml = Path(root) / "dvc.yaml"
     try:
-        cmd = load_yaml(dvc_yaml.read_text())["stages"][stage]["cmd"]
-    except (OSError, YAMLError, KeyError, TypeError) as err:
-        raise CtclabError(f"{dvc_yaml}: no readable `stages.{stage}.cmd` ({type(err).__name__}); "
-                          "expected the project's dvc.yaml") from None
-    args = shlex.split(cmd)
+        yield load_yaml(dvc_yaml.read_text())
+    except (OSError, YAMLError, KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
+        raise CtclabError(f"{dvc_yaml}: no readable {wanted} ({type(err).__name__}); expected the project's "
+                          "dvc.yaml") from None
+
+
+def stage_command(root: Path, stage: str) -> list[str]:
+    """A dvc.yaml stage's `cmd` as arguments, with this interpreter for its `python`."""
+    with _dvc_yaml(root, f"`stages.{stage}.cmd`") as dvc:
+        args = shlex.split(dvc["stages"][stage]["cmd"])
     return [sys.executable, *args[1:]] if args and args[0] == "python" else args
 
 
 def stage_params(root: Path) -> set[str]:
     """Every params key (or section) some stage of dvc.yaml depends on: what can change a result."""
-    from .config import YAMLError, load_yaml
-
-    dvc_yaml = Path(root) / "dvc.yaml"
-    try:
-        stages = load_yaml(dvc_yaml.read_text())["stages"]
-        return {k for stage in stages.values() for k in stage.get("params", [])}
-    except (OSError, YAMLError, KeyError, TypeError, AttributeError) as err:
-        raise CtclabError(f"{dvc_yaml}: no readable stages with params ({type(err).__name__}); expected the "
-                          "project's dvc.yaml") from None
+    with _dvc_yaml(root, "stages with params") as dvc:
+        return {k for stage in dvc["stages"].values() for k in stage.get("params", [])}
 
 
 def history_plot(root: Path) -> tuple[Path, str, list[str]]:
     """dvc.yaml's learning-curve plot: (its CSV, x column, y columns)."""
-    from .config import YAMLError, load_yaml
-
-    dvc_yaml = Path(root) / "dvc.yaml"
-    try:
-        [(path, spec)] = load_yaml(dvc_yaml.read_text())["plots"][0].items()
+    with _dvc_yaml(root, "`plots` entry with x and y") as dvc:
+        [(path, spec)] = dvc["plots"][0].items()
         return Path(root) / path, spec["x"], list(spec["y"])
-    except (OSError, YAMLError, KeyError, TypeError, IndexError, ValueError) as err:
-        raise CtclabError(f"{dvc_yaml}: no readable `plots` entry with x and y ({type(err).__name__}); expected "
-                          "the project's dvc.yaml") from None
 
 
 def command_paths(args: list[str]) -> dict[str, str]:
