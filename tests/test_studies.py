@@ -74,7 +74,7 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name("ctclab/kaiming_smoke-smoke")
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-        assert f"MLflow UI: {uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" in out
+        assert f"MLflow UI: {uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=ctclab" in out
         parents = [r for r in runs if r.data.tags.get("ctclab_study_parent") == "kaiming_smoke"]
         assert len(parents) == 1  # machine b found machine a's parent on the server
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]

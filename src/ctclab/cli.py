@@ -124,11 +124,18 @@ def cmd_run(a) -> int:
 
 def cmd_ui(a) -> int:
     from .config import load_params
-    from .tracking import tracking_uri
+    from .mlflow_views import address
+    from .tracking import open_store, tracking_uri
 
     root = repo_root()
-    uri = tracking_uri(load_params(root / "params.yaml").tracking.uri, root)
-    print(f"MLflow UI for {uri} at http://{a.host}:{a.port}  (Ctrl-C stops it)", flush=True)
+    tracked = load_params(root / "params.yaml").tracking
+    base, uri = f"http://{a.host}:{a.port}", tracking_uri(tracked.uri, root)
+    print(f"MLflow UI for {uri} at {base}  (Ctrl-C stops it)", flush=True)
+    store = open_store(uri, root)
+    store.experiment_id(tracked.experiment)  # the pipeline's, with its view, listed even before any run
+    for name, exp_id in store.viewed_experiments():
+        print(f"  {name}: {address(base, exp_id, True)}  curves: {address(base, exp_id, True, charts=True)}",
+              flush=True)
     os.chdir(root)
     # exec, not a child: signals reach the server (and its workers) directly
     os.execve(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

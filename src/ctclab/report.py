@@ -109,7 +109,8 @@ def latest_by_variant(study: Study, runs: list[tracking.RunRecord]) -> dict[str,
 def _header(study: Study, smoke: bool, parent: study_runs.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
     lines = [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
              f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{parent.run_id}` "
-             f"in experiment `{parent.experiment_id}`: {parent.ui_address()}.", ""]
+             f"in experiment `{parent.experiment_id}`; the MLflow UI{parent.ui_where()} shows its runs at "
+             f"{parent.ui_address()} and their curves at {parent.ui_address(charts=True)}.", ""]
     if any_run is not None:
         t = any_run.tags
         # runs from before the cpu_count tag existed: the count is known only if this is their host

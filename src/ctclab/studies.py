@@ -34,7 +34,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import config, models, study_runs, tracking
+from . import config, mlflow_views, models, study_runs, tracking
 from .decoders import available
 from .errors import CtclabError
 from .results import DEV, EVAL, SUBMIT_DECODER, eval_metrics, lev, recorded
@@ -157,20 +157,25 @@ def _yaml_value(v) -> str:
 
 
 def parent_run(study: Study, smoke: bool, root: Path, create: bool = True) -> study_runs.ParentRun:
-    """The study's MLflow parent run in the study's experiment (found by tags, created if asked).
-    A report also finds parents recorded before studies had experiments of their own."""
+    """The study's MLflow parent run in the study's experiment (found by tags, created if asked),
+    whose address opens on the study's runs and curves (mlflow_views.study_view). A report also
+    finds parents recorded before studies had experiments of their own."""
     t = config.load_params(root / "params.yaml").tracking
     store, experiment = tracking.open_store(t.uri, root), study.experiment(t.experiment, smoke)
-    found = study_runs.find_parent(store, experiment, study.name, smoke)
-    if found is None and not create:
-        found = study_runs.find_parent(store, t.experiment, study.name, smoke)
-    if found is not None:
-        return found
-    if not create:
-        raise CtclabError(f"{study.path}: no MLflow runs for study {study.name!r}"
-                          f"{' (smoke)' if smoke else ''}; run `ctclab study run {study.path}` first")
-    text = Path(study.path).read_text() if study.path else ""
-    return study_runs.create_parent(store, experiment, study.name, smoke, study.parent_name(smoke), study.question, text)
+    parent = study_runs.find_parent(store, experiment, study.name, smoke)
+    if parent is None and not create:
+        parent = study_runs.find_parent(store, t.experiment, study.name, smoke)
+        if parent is None:
+            raise CtclabError(f"{study.path}: no MLflow runs for study {study.name!r}"
+                              f"{' (smoke)' if smoke else ''}; run `ctclab study run {study.path}` first")
+        return parent  # in the pipeline's experiment, which keeps its own view
+    if parent is None:
+        text = Path(study.path).read_text() if study.path else ""
+        parent = study_runs.create_parent(store, experiment, study.name, smoke, study.parent_name(smoke),
+                                          study.question, text)
+    store.show_view(parent.experiment_id, mlflow_views.study_view(
+        study.name, parent.run_id, [v.name for v in study.variants], study.metric))
+    return parent
 
 
 def score(child: tracking.RunRecord, metric: str) -> float | None:
@@ -294,8 +299,8 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     t0 = time.monotonic()
     try:
         queued, skipped = _queue(study, root, seeds, smoke, parent)
-        print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI: "
-              f"{parent.ui_address()}", flush=True)
+        print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI"
+              f"{parent.ui_where()}: {parent.ui_address()} (curves: {parent.ui_address(charts=True)})", flush=True)
         failed = _wait(study, root, queued, jobs, t0, poll_seconds)
     except KeyboardInterrupt:
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -32,8 +32,11 @@ class ParentRun:
     def log_artifacts(self, paths: list[Path], folder: str) -> None:
         self.store.log_artifacts(self.run_id, paths, folder)
 
-    def ui_address(self) -> str:
-        return self.store.ui_address(self.experiment_id)
+    def ui_address(self, charts: bool = False) -> str:
+        return self.store.ui_address(self.experiment_id, charts)
+
+    def ui_where(self) -> str:
+        return self.store.ui_where()
 
     def note_start(self, seeds: tuple[int, ...]) -> None:
         """Record the seeds a `study run` asked for; being a write, it also tells a user of a server

@@ -35,9 +35,10 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
-from . import provenance, storage
+from . import mlflow_views, provenance, storage
 from .errors import CtclabError
 from .project import real_root
+from .mlflow_views import VIEW_TAG, pipeline_view
 from .results import EPOCH_SECONDS
 
 SERVER_TIMEOUT_S = 5  # a server that takes the connection and never answers: the one line comes within 10 s
@@ -45,6 +46,7 @@ SERVER_TIMEOUT_S = 5  # a server that takes the connection and never answers: th
 UNREACHABLE = (mlflow.exceptions.MlflowException, OSError)
 # Without it MLflow 3's UI guesses the experiment's kind and may open the GenAI (traces) view.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+LOCAL_UI = "http://127.0.0.1:5000"  # where `ctclab ui` serves a local store
 
 
 def tracking_uri(configured: str, root: str | Path) -> str:
@@ -119,6 +121,10 @@ def _record(run) -> RunRecord:
                      dict(run.data.metrics), dict(run.data.tags), run.info.experiment_id)
 
 
+class ReadOnly(CtclabError):
+    """A server with accounts refused a write (403): the user may only read there."""
+
+
 class AccessChecked:
     """An MlflowClient whose calls a server with accounts (`mlflow server --app-name basic-auth`)
     refuses end in one line: 401 names the login variables, 403 the user, the experiment and the
@@ -150,10 +156,10 @@ class AccessChecked:
         return CtclabError(f"tracking.uri {self._uri}: the server asks for a login (401: {who}); set "
                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it (README: team server)")
 
-    def _permission(self, action: str, args: tuple) -> CtclabError:
+    def _permission(self, action: str, args: tuple) -> ReadOnly:
         user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
         where = self._experiment_of(args[0] if args else None)
-        return CtclabError(f"tracking.uri {self._uri}: user {user!r} may not {action.replace('_', ' ')} in {where} "
+        return ReadOnly(f"tracking.uri {self._uri}: user {user!r} may not {action.replace('_', ' ')} in {where} "
                            "(403 Permission denied: reading is allowed, writing needs EDIT); ask an admin or the "
                            "experiment's owner to grant EDIT on it (README: team server)")
 
@@ -186,27 +192,41 @@ class Store:
 
     # --- experiments and runs ------------------------------------------------------------------
     def experiment_id(self, experiment: str) -> str:
-        """The experiment's id, creating it (artifacts beside a local sqlite store) if needed."""
+        """The experiment's id, creating it (artifacts beside a local sqlite store) if needed; it
+        opens in the UI as model training, on ctclab's view of its runs (mlflow_views)."""
         exp = self.client.get_experiment_by_name(experiment)
-        if exp is not None:
-            if not EXPERIMENT_KIND.items() <= exp.tags.items():  # made before ctclab tagged its kind
-                for key, value in EXPERIMENT_KIND.items():
-                    self.client.set_experiment_tag(exp.experiment_id, key, value)
-            return exp.experiment_id
-        location = (self.root / "mlartifacts").as_uri() if self.uri.startswith("sqlite:///") else None
-        try:
-            return self.client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
-        except Exception:  # created meanwhile by a parallel queue worker
-            return self.client.get_experiment_by_name(experiment).experiment_id
+        if exp is None:
+            location = (self.root / "mlartifacts").as_uri() if self.uri.startswith("sqlite:///") else None
+            try:
+                return self.client.create_experiment(experiment, artifact_location=location,
+                                                     tags={**EXPERIMENT_KIND, VIEW_TAG: pipeline_view()})
+            except Exception:  # created meanwhile by a parallel queue worker
+                return self.client.get_experiment_by_name(experiment).experiment_id
+        # made before ctclab tagged its kind or its view
+        for key, value in {**EXPERIMENT_KIND, VIEW_TAG: pipeline_view()}.items():
+            if key not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
 
-    def ui_address(self, experiment_id: str) -> str:
-        """Where the experiment opens in the MLflow UI: the server itself, or `ctclab ui` for a local store."""
-        # workflowType: MLflow 3.17's UI picks GenAI or model-training pages from a browser-wide switch
-        # (GenAI unless changed), not from the experiment's kind tag; the parameter sets it.
-        page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-        if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/{page}"
-        return f"http://127.0.0.1:5000/{page} (after `ctclab ui`)"
+    def show_view(self, experiment_id: str, view: str) -> None:
+        """Make `view` (mlflow_views) what the experiment's address opens on. A user of a server
+        who may only read the experiment keeps the view it has."""
+        if self.client.get_experiment(experiment_id).tags.get(VIEW_TAG) != view:
+            with contextlib.suppress(ReadOnly):
+                self.client.set_experiment_tag(experiment_id, VIEW_TAG, view)
+
+    def ui_address(self, experiment_id: str, charts: bool = False) -> str:
+        """Where the experiment opens in the MLflow UI (its runs table, or their charts): on the
+        server itself, or where `ctclab ui` serves a local store (`ui_where` says which)."""
+        shared = VIEW_TAG in self.client.get_experiment(experiment_id).tags
+        return mlflow_views.address(self.uri if self.is_server else LOCAL_UI, experiment_id, shared, charts)
+
+    @property
+    def is_server(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+    def ui_where(self) -> str:
+        return "" if self.is_server else " (after `ctclab ui`)"
 
     def training_run(self, experiment: str, resume_run_id: str | None, params: dict, tags: dict, run_name: str,
                      parent_run_id: str = "") -> "RunLog":
@@ -237,6 +257,11 @@ class Store:
         """A run logged into directly (no system metrics); `end` it."""
         return RunLog(self, self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id,
                       system_metrics=False)
+
+    def viewed_experiments(self) -> list[tuple[str, str]]:
+        """(name, id) of every experiment ctclab made a view of, by name."""
+        found = self.client.search_experiments(filter_string=f"tags.`{VIEW_TAG}` != ''")
+        return sorted((e.name, e.experiment_id) for e in found)
 
     def find_experiment(self, experiment: str) -> str | None:
         exp = self.client.get_experiment_by_name(experiment)
