@@ -147,7 +147,8 @@ def main() -> None:
         model.compile_parts()  # compiled during the warmup batches
     batches = [bucket_batches(frames, args.batch_size, 0, epoch) for epoch in range(args.epochs)]
     trainer = TimedTrainer(model, params.train, device, len(batches[0]))
-    trainer.timed_epoch(shard, bucket_batches(frames, args.batch_size, 0, 99)[:args.warmup], "warmup")
+    if args.warmup:
+        trainer.timed_epoch(shard, bucket_batches(frames, args.batch_size, 0, 99)[:args.warmup], "warmup")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     print(f"A3 {parameter_count(model) / 1e6:.2f} M params on {device_name(device)}; {args.utterances} utterances, "

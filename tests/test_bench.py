@@ -1,0 +1,40 @@
+"""Every benchmark, at a tiny size: it ends with its ratio line and leaves no process running
+(bench/tracking.py's `mlflow server` starts job consumers in sessions of their own; decode's
+beam search runs worker processes)."""
+import re
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from project import REPO, env, make_project, survivors
+
+TINY = {
+    "decode.py": ["--random", "8", "--widths", "1", "5", "--repeats", "1"],
+    "loader.py": ["--utterances", "24", "--hidden", "32"],
+    "tracking.py": ["--epochs", "2", "--steps", "2"],
+    "train_speed.py": ["--utterances", "16", "--batch-size", "8", "--warmup", "0"],
+}
+RATIO_LINE = re.compile(r"(\w+): \d+\.\d+x \(goal >= \d+(\.\d+)?x.*\)")
+
+
+def test_every_benchmark_is_covered():
+    assert sorted(TINY) == sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "synthetic.py")
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_a_benchmark_ends_with_its_ratio_and_leaves_nothing_running(tmp_path, script):
+    project = make_project(tmp_path / "p", git=False)  # its params.yaml; no data: synthetic shards stand in
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    extra = ["--shards", str(scratch / "shards")] if script == "train_speed.py" else []
+    r = subprocess.run([sys.executable, str(REPO / "bench" / script), *TINY[script], *extra], cwd=project,
+                       env=env({"TMPDIR": str(scratch)}), capture_output=True, text=True, timeout=600)
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    # below its goal a benchmark exits 1 (at this size it may); anything else is a failure
+    assert r.returncode in (0, 1) and RATIO_LINE.fullmatch(last), r.stdout[-1500:] + r.stderr[-1500:]
+    assert RATIO_LINE.fullmatch(last).group(1) == script.removesuffix(".py")
+    assert survivors(tmp_path, timeout_s=30) == []
+    assert [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
+            and "forkserver" not in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())] == []
