@@ -1,4 +1,5 @@
 """Report pieces on hand-made runs: per-seed values, Holm-adjusted verdicts, whether timings compare."""
+import numpy as np
 import pytest
 
 from ctclab import report, study_runs, tracking
@@ -73,7 +74,7 @@ def test_a_variant_significant_alone_is_not_after_holm():
     lines = {v.name: report._row(study, v, report.latest_by_variant(study, runs)[v.name], comparisons.get(v.name))
              for v in study.variants}
     assert "| better |" in lines["b"] and "| 0.001 (0.002) |" in lines["b"]
-    assert "| no detectable difference with 4 seeds |" in lines["c"] and "| 0.043 (0.086) |" in lines["c"]
+    assert "| no detectable difference with 4 seeds; ≥ " in lines["c"] and "| 0.043 (0.086) |" in lines["c"]
     assert "| -0.375 [" in lines["c"] and "| baseline |" in lines["a"]
 
 
@@ -96,3 +97,26 @@ def test_studies_recorded_before_study_experiments_still_report(tmp_path):
     md = report.report(Study(name="s", question="q?", variants=[{"name": "a", "baseline": True}, {"name": "b"}],
                              seeds=[0]), project).read_text()
     assert "| a | 2.000 (`" in md and "| 3.000 (`" in md and f"parent run `{parent.run_id}`" in md
+
+
+def test_power_lines_say_what_the_seeds_could_detect_and_what_would_decide():
+    from scipy import stats
+    # the smallest detectable difference is detected 80 % of the time (simulated paired t-tests)
+    rng = np.random.default_rng(0)
+    for n, sd, level in ((3, 0.3, 0.0125), (5, 0.2, 0.05)):
+        d = report.detectable(n, sd, level)
+        found = stats.ttest_1samp(rng.normal(d, sd, (100_000, n)), 0.0, axis=1).pvalue < level
+        assert abs(found.mean() - report.POWER) < 0.01, (n, sd, level, found.mean())
+    needed = report.seeds_needed(-0.258, 0.3, 0.0125)  # dropout_placement's `all`, roughly
+    assert report.power(needed, 0.258, 0.3, 0.0125) >= 0.8 > report.power(needed - 1, 0.258, 0.3, 0.0125)
+    assert report.seeds_needed(0.001, 1.0, 0.01) is None  # beyond MAX_SEEDS
+    # Holm's levels: the smallest of m p-values faced 0.05/m, the next 0.05/(m - 1)
+    study = Study(name="s", question="q?", seeds=[0, 1, 2],
+                  variants=[{"name": "a", "baseline": True}, {"name": "b"}, {"name": "c"}])
+    runs = [run("a", s, x) for s, x in enumerate((2.0, 2.1, 2.2))] + \
+        [run("b", s, x) for s, x in enumerate((2.1, 2.5, 1.9))] + [run("c", s, 1.0 + s / 9) for s in range(3)]
+    c = report.compare(study, report.latest_by_variant(study, runs))
+    assert (c["c"].level, c["b"].level) == (0.025, 0.05)
+    said = c["b"].verdict()
+    assert said.startswith("no detectable difference with 3 seeds; ≥ ") and " would have been detected; the observed +" in said
+    assert said.endswith(f"needs ~{report.seeds_needed(np.mean(c['b'].diffs), np.std(c['b'].diffs, ddof=1), 0.05)} seeds")

@@ -117,7 +117,7 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
         diffs = [score[("off", s)] - score[("on", s)] for s in ("0", "1")]
         p = float(diffs[0] == 0) if np.ptp(diffs) == 0 else scipy.stats.ttest_1samp(diffs, 0.0).pvalue  # no spread: certain
         expected = ("better" if np.mean(diffs) < 0 else "worse") if p < 0.05 else "no detectable difference with 2 seeds"
-        assert f"| {expected} |" in rows[1], (diffs, p, rows[1])
+        assert f"| {expected}" in rows[1], (diffs, p, rows[1])  # a "no detectable" one goes on with its power
         assert (clones[0] / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
         assert "p (Holm)" in report and "Holm-adjusted across the study's 1 comparison (in" in report  # broken has none
         # a second run skips what is complete, whichever machine ran it

@@ -1,6 +1,8 @@
 """A study's report from its MLflow child runs: per variant the mean ± std over seeds, a paired
 difference against the baseline with a t-based 95 % interval, its p-value Holm-adjusted across the
-study's variants and the verdict that follows, per-seed values, learning curves (mean ± 1 std).
+study's variants and the verdict that follows — with, where no difference is detected, the smallest
+one the seeds would have detected and the seeds the observed one needs — per-seed values, learning
+curves (mean ± 1 std).
 
     ctclab study report experiments/kaiming.yaml [--smoke]   →  experiments/reports/<study>.md
 """
@@ -13,7 +15,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from . import storage, study_runs, tracking
 from .errors import CtclabError
@@ -21,6 +23,8 @@ from .results import SELECT_BY, SUBMIT_DECODER, TRAIN_SECONDS, decode_speed
 from .studies import Study, Variant, finished, parent_run, score
 
 ALPHA = 0.05
+POWER = 0.8  # the chance of detecting a true difference that a power line speaks of
+MAX_SEEDS = 1000  # "needs more than this" beyond
 
 
 def paired(diffs: list[float]) -> tuple[float, float, float] | None:
@@ -53,6 +57,31 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
+def power(n: int, difference: float, sd: float, level: float) -> float:
+    """The chance that a two-sided paired t-test over n pairs at `level` finds a true mean
+    difference `difference` when the differences spread with standard deviation `sd` (scipy's
+    noncentral t)."""
+    df, shift = n - 1, abs(difference) / sd * math.sqrt(n)
+    critical = stats.t.ppf(1 - level / 2, df)
+    upper, lower = float(stats.nct.sf(critical, df, shift)), float(stats.nct.cdf(-critical, df, shift))
+    # scipy's noncentral t gives nan deep in a tail at few degrees of freedom: there the tail beyond
+    # -critical is ~0, and the one beyond +critical ~1 once the shift is past it
+    return (upper if math.isfinite(upper) else float(shift > critical)) + (lower if math.isfinite(lower) else 0.0)
+
+
+def detectable(n: int, sd: float, level: float) -> float:
+    """The smallest true difference that n pairs find with POWER at `level`."""
+    high = sd
+    while power(n, high, sd, level) < POWER:
+        high *= 2
+    return float(optimize.brentq(lambda d: power(n, d, sd, level) - POWER, 0.0, high, xtol=1e-9 * sd))
+
+
+def seeds_needed(difference: float, sd: float, level: float) -> int | None:
+    """How many seeds (pairs) find a true `difference` with POWER at `level`; None beyond MAX_SEEDS."""
+    return next((n for n in range(2, MAX_SEEDS + 1) if power(n, difference, sd, level) >= POWER), None)
+
+
 def verdict(mean_diff: float | None, p_adjusted: float | None, n: int) -> str:
     if p_adjusted is None:
         return f"no interval with n={n} seed{'s' if n != 1 else ''}"
@@ -69,9 +98,21 @@ class Comparison:
     interval: tuple[float, float, float] | None
     p: float | None
     p_holm: float | None = None
+    level: float | None = None  # the Holm step's level this comparison's p was held to
 
     def verdict(self) -> str:
-        return verdict(float(np.mean(self.diffs)), self.p_holm, len(self.diffs))
+        said = verdict(float(np.mean(self.diffs)), self.p_holm, len(self.diffs))
+        return said + self.power_note() if said.startswith("no detectable") else said
+
+    def power_note(self) -> str:
+        """What the seeds could have found (at POWER, at its Holm level, with the spread of its
+        differences), and how many would find the difference seen."""
+        sd = float(np.std(self.diffs, ddof=1)) if len(self.diffs) > 1 else 0.0
+        if self.level is None or sd == 0:
+            return ""
+        needed = seeds_needed(float(np.mean(self.diffs)), sd, self.level)
+        return (f"; ≥ {detectable(len(self.diffs), sd, self.level):.3f} would have been detected; "
+                f"the observed {np.mean(self.diffs):+.3f} needs " + (f"~{needed} seeds" if needed else f"> {MAX_SEEDS} seeds"))
 
 
 def compare(study: Study, by_variant: dict) -> dict[str, Comparison]:
@@ -88,6 +129,9 @@ def compare(study: Study, by_variant: dict) -> dict[str, Comparison]:
     tested = [c for c in out.values() if c.p is not None]
     for c, adjusted in zip(tested, holm([c.p for c in tested])):
         c.p_holm = adjusted
+    # Holm holds the k-th smallest of m p-values to ALPHA / (m - k + 1)
+    for rank, c in enumerate(sorted(tested, key=lambda c: c.p)):
+        c.level = ALPHA / (len(tested) - rank)
     return out
 
 
@@ -253,7 +297,10 @@ def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = 
     lines += ["", f"Verdicts compare each variant with the baseline seed by seed: paired differences, a t-based 95 % "
               f"interval (negative = lower distance than baseline) and a paired t-test whose p-values are "
               f"Holm-adjusted across the study's {len(comparisons)} comparison{'s' if len(comparisons) != 1 else ''} (in brackets); a variant is better "
-              f"or worse only when its adjusted p < {ALPHA}. " + timing_note(by_variant), "",
+              f"or worse only when its adjusted p < {ALPHA}. Where it is neither, the verdict says the smallest true difference "
+              f"its seeds would have detected with {POWER:.0%} power (paired t-test at the level Holm held its p to, "
+              f"{ALPHA}/m for the smallest of m p-values, {ALPHA}/(m − 1) for the next…, with the spread of its "
+              f"differences) and how many seeds the observed difference needs at that level. " + timing_note(by_variant), "",
               f"![learning curves (mean ± 1 std over seeds)]({png.name})", ""]
     md = out_dir / f"{stem}.md"
     storage.write_text(md, "\n".join(lines))
