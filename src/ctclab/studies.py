@@ -311,7 +311,8 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
                 signal.signal(s, handler)
         raise
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
-            "parent_run_id": parent.run_id, "ui": parent.ui_address()}
+            "parent_run_id": parent.run_id,
+            "ui": f"{parent.ui_address()} (curves: {parent.ui_address(charts=True)}){parent.ui_where()}"}
 
 
 def _wait(study: Study, root: Path, queued: list[str], jobs: int, t0: float, poll_seconds: float) -> list[str]:
