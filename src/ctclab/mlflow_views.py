@@ -26,7 +26,7 @@ SECTION = "ctclab"  # the charts' section: ours, first, apart from the charts ML
 CHARTED_CURVES = (SELECT_BY, "train_loss", "dev_loss")
 assert set(CHARTED_CURVES) <= set(CURVES)
 # MLflow's own columns: Version is the commit (mlflow.source.git.commit).
-VERSION, DATASET, MODELS = "Version", "Dataset", "Models"
+VERSION, MODELS = "Version", "Models"
 
 
 def address(base: str, experiment_id: str, shared_view: bool, charts: bool = False) -> str:
@@ -60,12 +60,12 @@ def study_view(study: str, parent_run_id: str, variants: list[str], metric: str)
 
 def pipeline_view() -> str:
     """The pipeline's experiment (`dvc repro`, `dvc exp run`): newest training first with its
-    dev and test scores, dataset, model and Version; charts of its curves and scores."""
+    model, Version and dev and test scores (MLflow puts its own columns first; Dataset, the widest,
+    would push the scores out of sight); charts of its curves and scores."""
     dev_beam, test_beam = EVAL + lev(DEV, SUBMIT_DECODER), lev(TEST, SUBMIT_DECODER)
     return _dump({
-        "selectedColumns": [_column("metrics", BEST), _column("metrics", dev_beam), _column("metrics", test_beam),
-                            _column("attributes", DATASET), _column("attributes", MODELS),
-                            _column("attributes", VERSION)],
+        "selectedColumns": [_column("attributes", MODELS), _column("attributes", VERSION), _column("metrics", BEST),
+                            _column("metrics", dev_beam), _column("metrics", test_beam)],
         "compareRunSections": [_section("training")],
         "compareRunCharts": [*map(_line, CHARTED_CURVES), _bar(dev_beam), _bar(TRAIN_SECONDS)],
     })
