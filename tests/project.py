@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,17 @@ def survivors(folder: Path, timeout_s: float = 60) -> list[str]:
     while (left := running()) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def ctrl_c(proc: subprocess.Popen) -> list:
+    """Ctrl-C as a terminal sends it (to the whole process group of a process started with
+    start_new_session=True); the processes of its family still alive a minute later, killed."""
+    import psutil
+
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(family, timeout=60)
+    for p in alive:
+        p.kill()
+    return alive

@@ -1,14 +1,10 @@
 """The `ctclab` command: the MLflow UI on the project's store, and one-line errors."""
-import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
-import psutil
-
-from project import env, free_port, make_project, run
+from project import ctrl_c, env, free_port, make_project, run
 
 
 def test_ui_serves_the_project_store(tmp_path):
@@ -27,12 +23,7 @@ def test_ui_serves_the_project_store(tmp_path):
                 time.sleep(0.5)
         assert status == 200
     finally:  # Ctrl-C, as in a terminal (the whole process group): the server and its workers all end
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-        _, alive = psutil.wait_procs(family, timeout=60)
-        for p in alive:
-            p.kill()
+        alive = ctrl_c(proc)
     assert alive == [], [p.pid for p in alive]
 
 

@@ -2,21 +2,18 @@
 ui` and rendered by headless Chromium (a new profile each time), on a study's runs made through
 ctclab's tracking as a study makes them."""
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-import psutil
 import pytest
 
 from ctclab import mlflow_views, studies, study_runs, tracking
 from ctclab.studies import Study
-from project import env, free_port, make_project
+from project import ctrl_c, env, free_port, make_project
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 STUDY = Study(name="kaiming", question="Does it?", metric="dev_lev_beam", seeds=[0, 1],
@@ -115,9 +112,4 @@ def test_a_fresh_browser_shows_the_study_runs_and_curves_from_the_printed_addres
             assert text in page, text
         assert page.count("class=\"scatterlayer") >= 3  # the curves are drawn (Plotly's line traces)
     finally:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-        _, alive = psutil.wait_procs(family, timeout=60)
-        for p in alive:
-            p.kill()
+        assert ctrl_c(proc) == []

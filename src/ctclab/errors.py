@@ -62,9 +62,12 @@ def worker_context():
     forkserver, whose server is started here with SIGINT ignored, so every worker forked from it
     ignores Ctrl-C from its first instruction (an ignored signal stays ignored across exec and fork,
     and Python then installs no handler). A terminal's Ctrl-C reaches the whole process group: the
-    parent alone handles it and ends its pool, and no worker prints a traceback. Like spawn (and
+    parent alone handles it and ends its pool, and no worker prints a traceback (one forked as the
+    pool is being ended stays silent too: ctclab.worker_start). Like spawn (and
     unlike fork) the workers never share a parent's CUDA context."""
     ctx = multiprocessing.get_context("forkserver")
+    # before the server starts (it is started once): its workers' start-up, ctclab.worker_start
+    ctx.set_forkserver_preload(["__main__", "ctclab.worker_start"])
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: no signal handling to adjust
