@@ -2,8 +2,11 @@
 (bench/tracking.py's `mlflow server` starts job consumers in sessions of their own; decode's
 beam search runs worker processes)."""
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -24,10 +27,12 @@ def test_every_benchmark_is_covered():
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
-def test_a_benchmark_ends_with_its_ratio_and_leaves_nothing_running(tmp_path, script):
+def test_a_benchmark_ends_with_its_ratio_and_leaves_nothing_running(tmp_path, request, script):
     project = make_project(tmp_path / "p", git=False)  # its params.yaml; no data: synthetic shards stand in
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    # the benchmark's temp files apart, under a short path: the forkserver's socket lives there and
+    # a Unix socket's path may not exceed 107 bytes (pytest's tmp_path under xdist comes close)
+    scratch = Path(tempfile.mkdtemp(prefix="ctclab-bench-"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
     extra = ["--shards", str(scratch / "shards")] if script == "train_speed.py" else []
     r = subprocess.run([sys.executable, str(REPO / "bench" / script), *TINY[script], *extra], cwd=project,
                        env=env({"TMPDIR": str(scratch)}), capture_output=True, text=True, timeout=600)
@@ -35,6 +40,6 @@ def test_a_benchmark_ends_with_its_ratio_and_leaves_nothing_running(tmp_path, sc
     # below its goal a benchmark exits 1 (at this size it may); anything else is a failure
     assert r.returncode in (0, 1) and RATIO_LINE.fullmatch(last), r.stdout[-1500:] + r.stderr[-1500:]
     assert RATIO_LINE.fullmatch(last).group(1) == script.removesuffix(".py")
-    assert survivors(tmp_path, timeout_s=30) == []
+    assert survivors(tmp_path, timeout_s=30) == [] and survivors(scratch, timeout_s=30) == []
     assert [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
             and "forkserver" not in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())] == []
