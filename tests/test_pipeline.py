@@ -20,13 +20,17 @@ from ctclab.errors import signal_name
 from project import REPO, commit, env, free_port, make_project, run, stage_command
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     shutil.copy(REPO / ".gitignore", project / ".gitignore")
     run(project, "git", "add", "-A")
     run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")  # a commit verify finds
-    first = run(project, sys.executable, "-m", "ctclab", "run")
+    # one torch thread, as a study's -j 2 trainings run: verify must re-execute on the same count
+    first = run(project, sys.executable, "-m", "ctclab", "run", env=ONE_THREAD)
     return project, first
 
 
@@ -115,7 +119,9 @@ def test_verify_reexecutes_the_run_and_says_match(repro):
     out = run(project, sys.executable, "-m", "ctclab", "verify", run_id)
     assert out.stdout.splitlines() == ["same hardware: bit-identical expected", "packages as recorded",
                                        "MATCH (8 checks)"], out.stdout
+    # the run trained on 1 thread; this machine would give verify more, unless it pins the recorded count
     assert f"verify: run {run_id} (commit " in out.stderr and "re-executing train → evaluate" in out.stderr
+    assert "on 1 torch thread(s), as recorded" in out.stderr
     progress = [l for l in out.stderr.splitlines() if l.startswith("verify: ") and "…" in l or l.startswith("verify:   ")]
     assert progress[0] == "verify: train …" and "verify: evaluate …" in progress, out.stderr  # it says what runs
     assert sum(l.startswith("verify:   epoch ") for l in progress) == 2, out.stderr  # each epoch as it ends
@@ -136,7 +142,7 @@ def test_a_clean_rerun_gives_identical_outs(repro, tmp_path):
     MLflow run id is not an out; evaluate finds the run by the checkpoint's bytes)."""
     project, _ = repro
     again = make_project(tmp_path / "again")
-    run(again, sys.executable, "-m", "dvc", "repro")
+    run(again, sys.executable, "-m", "dvc", "repro", env=ONE_THREAD)  # the thread count the first one had
     first, second = (yaml.safe_load((p / "dvc.lock").read_text())["stages"] for p in (project, again))
     outs = {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in first.items()}
     assert outs == {name: [(o["path"], o["md5"]) for o in stage.get("outs", [])] for name, stage in second.items()}

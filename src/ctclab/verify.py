@@ -7,7 +7,8 @@ temporary git worktree (applying the recorded `git diff` when the tree was dirty
 recorded params into its params.yaml with a tracking store of its own, takes the data from this
 repository when its hash matches (else fetches and preprocesses there and refuses if the hash
 differs), runs train → evaluate as that commit's dvc.yaml says (its `cmd`, with its paths), and
-compares the checkpoint's sha256 and the scores. On the same
+compares the checkpoint's sha256 and the scores. It runs on the thread count the run recorded, so
+a study's 1-thread training (-j 2) is re-executed bit for bit on a machine with more cores. On the same
 hardware (CPU model, torch version and threads, device) everything must be bit-identical; on other
 hardware the scores must agree within TOLERANCE (CPU floats differ across machines). Prints MATCH
 or a table of differences; exits 1 on a mismatch, 2 when it cannot verify.
@@ -130,11 +131,14 @@ def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return r
 
 
-def _stage(worktree: Path, name: str) -> None:
-    """Run a stage as the recorded commit's dvc.yaml says (its script, its paths), saying as it goes
-    which stage runs and each epoch's line (a re-training can take as long as the training did)."""
+def _stage(worktree: Path, name: str, threads: str) -> None:
+    """Run a stage as the recorded commit's dvc.yaml says (its script, its paths), on the recorded
+    number of torch threads (CPU floats depend on it: a study run with -j 2 trained on one), saying
+    as it goes which stage runs and each epoch's line (a re-training can take as long as the training did)."""
     env = {**tool_env(), "PYTHONPATH": str(worktree / "src")}  # the recorded commit's code, not this checkout's
     env.pop("MLFLOW_TRACKING_URI", None)
+    if threads.isdigit():
+        env["OMP_NUM_THREADS"] = threads
     print(f"verify: {name} …", file=sys.stderr, flush=True)
     proc = subprocess.Popen(stage_command(worktree, name), cwd=worktree, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -200,10 +204,12 @@ def verify(root: Path, configured_uri: str, run_ref: str, keep: bool = False) ->
         write_params(worktree, run.params, run.tags.get("decode.beam_width"), store_uri)
         t0 = time.monotonic()
         how = prepare(root, worktree, run, data_hash)
+        threads = run.tags.get("torch_threads", "")
         print(f"verify: run {run.run_id} (commit {commit[:12]}{', with its diff' if diff else ''}; {how}); "
-              f"re-executing train → evaluate in {worktree}", file=sys.stderr, flush=True)
+              f"re-executing train → evaluate in {worktree}"
+              f"{f' on {threads} torch thread(s), as recorded' if threads.isdigit() else ''}", file=sys.stderr, flush=True)
         for stage in ("train", "evaluate"):
-            _stage(worktree, stage)
+            _stage(worktree, stage, threads)
         rerun = tracking.open_store(store_uri, worktree)
         models = stage_paths(worktree, "train").get("models", worktree / "models")  # older commits: models/
         again = rerun.record(rerun.checkpoint_run(models / "best.pt"))
