@@ -57,8 +57,9 @@ def test_a_study_view_selects_exactly_its_runs_and_names_what_they_carry(tmp_pat
     assert view["groupsExpanded"] == {"tag.variant.kaiming_on": True, "tag.variant.kaiming_off": True}
     assert all(c["metricKey"] in children[0].metrics for c in view["compareRunCharts"])
     # the address every ctclab command prints opens on this view, and a second look changes nothing
-    assert "viewStateShareKey=ctclab" in parent.ui_address()
-    assert "compareRunsMode=CHART" in parent.ui_address(charts=True)
+    runs, curves = parent.ui_addresses()
+    assert "viewStateShareKey=ctclab" in runs and "compareRunsMode=CHART" not in runs
+    assert curves == runs + "&compareRunsMode=CHART"
     assert studies.parent_run(STUDY, False, project, create=False).run_id == parent.run_id
     assert parent.store.client.get_experiment(parent.experiment_id).tags[mlflow_views.VIEW_TAG] == json.dumps(
         view, sort_keys=True, separators=(",", ":"))
@@ -70,7 +71,7 @@ def test_the_pipeline_experiment_opens_on_its_trainings(tmp_path):
     view = json.loads(store.client.get_experiment(exp_id).tags[mlflow_views.VIEW_TAG])
     assert "metrics.`best_dev_lev_greedy`" in view["selectedColumns"] and "attributes.`Version`" in view["selectedColumns"]
     assert [c["metricKey"] for c in view["compareRunCharts"]][:3] == ["dev_lev_greedy", "train_loss", "dev_loss"]
-    assert store.ui_address(exp_id) == (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?"
+    assert store.ui_addresses(exp_id)[0] == (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?"
                                         "workflowType=machine_learning&viewStateShareKey=ctclab")
 
 
@@ -95,7 +96,7 @@ def test_a_fresh_browser_shows_the_study_runs_and_curves_from_the_printed_addres
         printed = [proc.stdout.readline() for _ in range(3)]  # the server, then each experiment with a view
         line = next(x for x in printed if x.strip().startswith("ctclab/kaiming:"))
         table, charts = line.split()[1], line.split()[3]
-        assert table == parent.ui_address().replace(":5000/", f":{port}/")
+        assert (table, charts) == tuple(a.replace(":5000/", f":{port}/") for a in parent.ui_addresses())
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:

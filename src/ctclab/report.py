@@ -102,7 +102,8 @@ class Comparison:
 
     def verdict(self) -> str:
         said = verdict(float(np.mean(self.diffs)), self.p_holm, len(self.diffs))
-        return said + self.power_note() if said.startswith("no detectable") else said
+        undecided = self.p_holm is not None and self.p_holm >= ALPHA
+        return said + self.power_note() if undecided else said
 
     def power_note(self) -> str:
         """What the seeds could have found (at POWER, at its Holm level, with the spread of its
@@ -151,10 +152,11 @@ def latest_by_variant(study: Study, runs: list[tracking.RunRecord]) -> dict[str,
 
 
 def _header(study: Study, smoke: bool, parent: study_runs.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
+    runs, curves = parent.ui_addresses()
     lines = [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
              f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{parent.run_id}` "
              f"in experiment `{parent.experiment_id}`; the MLflow UI{parent.ui_where()} shows its runs at "
-             f"{parent.ui_address()} and their curves at {parent.ui_address(charts=True)}.", ""]
+             f"{runs} and their curves at {curves}.", ""]
     if any_run is not None:
         t = any_run.tags
         # runs from before the cpu_count tag existed: the count is known only if this is their host

@@ -299,8 +299,9 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     t0 = time.monotonic()
     try:
         queued, skipped = _queue(study, root, seeds, smoke, parent)
+        runs, curves = parent.ui_addresses()
         print(f"study {study.name}: {len(queued)} experiments queued, {len(skipped)} already complete; MLflow UI"
-              f"{parent.ui_where()}: {parent.ui_address()} (curves: {parent.ui_address(charts=True)})", flush=True)
+              f"{parent.ui_where()}: {runs} (curves: {curves})", flush=True)
         failed = _wait(study, root, queued, jobs, t0, poll_seconds)
     except KeyboardInterrupt:
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -312,7 +313,7 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
         raise
     return {"queued": queued, "skipped": skipped, "failed": failed, "seconds": time.monotonic() - t0,
             "parent_run_id": parent.run_id,
-            "ui": f"{parent.ui_address()} (curves: {parent.ui_address(charts=True)}){parent.ui_where()}"}
+            "ui": f"{runs} (curves: {curves}){parent.ui_where()}"}
 
 
 def _wait(study: Study, root: Path, queued: list[str], jobs: int, t0: float, poll_seconds: float) -> list[str]:

@@ -32,8 +32,9 @@ class ParentRun:
     def log_artifacts(self, paths: list[Path], folder: str) -> None:
         self.store.log_artifacts(self.run_id, paths, folder)
 
-    def ui_address(self, charts: bool = False) -> str:
-        return self.store.ui_address(self.experiment_id, charts)
+    def ui_addresses(self) -> tuple[str, str]:
+        """Its experiment's runs table and charts in the MLflow UI."""
+        return self.store.ui_addresses(self.experiment_id)
 
     def ui_where(self) -> str:
         return self.store.ui_where()

@@ -35,10 +35,10 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
-from . import mlflow_views, provenance, storage
+from . import provenance, storage
 from .errors import CtclabError
+from .mlflow_views import VIEW_TAG, address, pipeline_view
 from .project import real_root
-from .mlflow_views import VIEW_TAG, pipeline_view
 from .results import EPOCH_SECONDS
 
 SERVER_TIMEOUT_S = 5  # a server that takes the connection and never answers: the one line comes within 10 s
@@ -55,11 +55,15 @@ def tracking_uri(configured: str, root: str | Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{real_root(root) / 'mlflow.db'}"
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def open_store(configured_uri: str, root: str | Path) -> "Store":
     """The store tracking.uri names; a server that does not answer is one line within seconds
     (MLflow itself would retry for minutes), before any training starts."""
     uri = tracking_uri(configured_uri, root)
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         import requests
 
         try:
@@ -74,7 +78,7 @@ def open_store(configured_uri: str, root: str | Path) -> "Store":
     elif uri.startswith("sqlite:///"):
         _check_sqlite(Path(uri.removeprefix("sqlite:///")))
     store = Store(uri, real_root(root))
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         store.client.search_experiments(max_results=1)  # a server with accounts: a missing login is one line now
     return store
 
@@ -215,18 +219,15 @@ class Store:
             with contextlib.suppress(ReadOnly):
                 self.client.set_experiment_tag(experiment_id, VIEW_TAG, view)
 
-    def ui_address(self, experiment_id: str, charts: bool = False) -> str:
-        """Where the experiment opens in the MLflow UI (its runs table, or their charts): on the
+    def ui_addresses(self, experiment_id: str) -> tuple[str, str]:
+        """Where the experiment opens in the MLflow UI — its runs table and their charts — on the
         server itself, or where `ctclab ui` serves a local store (`ui_where` says which)."""
         shared = VIEW_TAG in self.client.get_experiment(experiment_id).tags
-        return mlflow_views.address(self.uri if self.is_server else LOCAL_UI, experiment_id, shared, charts)
-
-    @property
-    def is_server(self) -> bool:
-        return self.uri.startswith(("http://", "https://"))
+        base = self.uri if is_server(self.uri) else LOCAL_UI
+        return address(base, experiment_id, shared), address(base, experiment_id, shared, charts=True)
 
     def ui_where(self) -> str:
-        return "" if self.is_server else " (after `ctclab ui`)"
+        return "" if is_server(self.uri) else " (after `ctclab ui`)"
 
     def training_run(self, experiment: str, resume_run_id: str | None, params: dict, tags: dict, run_name: str,
                      parent_run_id: str = "") -> "RunLog":
