@@ -43,7 +43,7 @@ from ctclab.config import flatten, load_params
 from ctclab.data import Shard
 from ctclab.inference import device_name, evaluate_split
 from ctclab.metrics import score
-from ctclab.results import EPOCH_DECODER, TIMING, EpochRow
+from ctclab.results import EPOCH_DECODER, EpochClock, EpochRow
 from ctclab.trainer import Trainer
 
 from synthetic import lognormal_lengths, write_shard  # bench/synthetic.py, next to this script
@@ -133,6 +133,7 @@ class Bench:
         """Yields after each step and after the dev eval; returns the metrics dict ctclab's training
         logs per epoch (its seconds are wall time, the other model's steps included)."""
         t0, bs, model = time.perf_counter(), self.params.train.batch_size, self.trainer.model
+        clock = EpochClock(torch.get_num_threads())
         model.train()
         loss_sum, seen = 0.0, 0
         for indices in bucket_batches(self.train.frames(), bs, self.params.train.seed, epoch)[:self.steps]:
@@ -144,7 +145,7 @@ class Bench:
         yield
         row = EpochRow(epoch + 1, loss_sum / seen, dev_loss, s.mean_distance, s.per,
                        self.trainer.optimizer.param_groups[0]["lr"])
-        return {**row.values(), **dict(zip(TIMING, (time.perf_counter() - t0, seen / train_seconds)))}
+        return {**row.values(), **clock.timing(seen, train_seconds)}
 
 
 def interleaved(epochs: dict) -> tuple[dict, dict]:

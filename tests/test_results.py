@@ -1,8 +1,10 @@
 """The names of ctclab's measurements: derived per decoder, read back from older runs, and the
 one-line summaries the stages print."""
+import time
+
 from ctclab.metrics import Score
-from ctclab.results import (EpochRow, TrainSummary, describe_eval, describe_test, eval_metrics, eval_scores,
-                            recorded, submit_scores)
+from ctclab.results import (TIMING, EpochClock, EpochRow, TrainSummary, describe_eval, describe_test, eval_metrics,
+                            eval_scores, recorded, submit_scores)
 from ctclab import verify
 
 
@@ -35,4 +37,21 @@ def test_the_summary_takes_the_epoch_with_the_lowest_greedy_distance():
             EpochRow(3, 1.0, 55.0, 4.5, 0.25, 1e-4)]
     s = TrainSummary.of(rows, 1234, {"train": 1, "dev": 0})
     assert (s.best_epoch, s.dev_lev_greedy, s.dev_per, s.dev_loss, s.final_train_loss, s.epochs) == (2, 4.0, 0.2, 50.0, 1.0, 3)
-    assert s.tracked(12.5) == {"best_dev_lev_greedy": 4.0, "best_epoch": 2, "train_seconds": 12.5}
+    assert s.tracked(12.5, 0.97) == {"best_dev_lev_greedy": 4.0, "best_epoch": 2, "train_seconds": 12.5,
+                                     "train_cpu_share": 0.97}
+
+
+def test_an_epoch_that_waits_gets_a_small_cpu_share_and_one_that_computes_a_large_one():
+    def busy(clock: EpochClock) -> dict:
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            sum(range(1000))
+        return clock.timing(seen=10, train_seconds=0.25)
+
+    waiting = EpochClock(threads=1)
+    time.sleep(0.3)
+    idle = waiting.timing(seen=10, train_seconds=0.25)
+    assert set(idle) == set(TIMING) and idle["utterances_per_second"] == 40.0 and idle["host_load_1m"] >= 0
+    one, two = busy(EpochClock(threads=1))["cpu_share"], busy(EpochClock(threads=2))["cpu_share"]
+    # a single busy Python thread fills one thread's share, half of two threads'
+    assert idle["cpu_share"] < 0.2 < 0.4 < one <= 1.05 and 0.2 < two <= 0.55

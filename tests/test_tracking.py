@@ -129,8 +129,9 @@ def test_study_parent_and_child_runs(tmp_path, store):
     # the variant's own training: a child of the parent, in the parent's experiment
     with store.training_run("s", None, {"model.kaiming": True}, {"parameter_count": 7, **labels}, "on-s0",
                             parent.run_id) as run:
-        for epoch, v in ((1, 5.0), (2, 3.0)):
-            run.log_metrics({"dev_lev_greedy": v, "epoch_seconds": 10.0}, step=epoch)
+        for epoch, v, seconds, share in ((1, 5.0, 10.0, 1.0), (2, 3.0, 30.0, 0.5)):
+            run.log_metrics({"dev_lev_greedy": v, "epoch_seconds": seconds, "cpu_share": share}, step=epoch)
+    assert store.train_cpu_share(run.run_id) == (10 * 1.0 + 30 * 0.5) / 40  # weighted by the epochs' seconds
     assert study_runs.is_child(store, run.run_id, parent.run_id, labels)
     assert not study_runs.is_child(store, run.run_id, parent.run_id, {**labels, "variant": "off"})
     [own] = parent.children()
@@ -141,7 +142,8 @@ def test_study_parent_and_child_runs(tmp_path, store):
     record = next(r for r in parent.children() if r.run_id == child)
     assert record.status == "FINISHED" and record.tags["variant"] == "b8" and record.tags["training_run_id"] == run.run_id
     assert record.params == {"model.kaiming": "True", "decode.beam_width": "8"}
-    assert record.metrics["eval_dev_lev_beam"] == 2.5 and record.metrics["train_seconds"] == 20.0
+    assert record.metrics["eval_dev_lev_beam"] == 2.5 and record.metrics["train_seconds"] == 40.0
+    assert record.metrics["train_cpu_share"] == 0.625
     assert record.tags["parameter_count"] == "7"
     assert store.metric_history(child, "dev_lev_greedy") == [(1, 5.0), (2, 3.0)]
 

@@ -38,8 +38,10 @@ def test_each_architecture_trains_an_epoch_and_is_tracked(tmp_path, processed, a
     assert "data.synthetic.seed" in run.data.params and section <= set(run.data.params)
     assert not any(k.startswith("model.") and k != "model.arch" and not k.startswith(f"model.{arch}.")
                    for k in run.data.params)
-    for m in ("train_loss", "dev_loss", "dev_lev_greedy", "lr", "epoch_seconds", "utterances_per_second"):
+    for m in ("train_loss", "dev_loss", "dev_lev_greedy", "lr", "epoch_seconds", "utterances_per_second",
+              "cpu_share", "host_load_1m", "train_cpu_share"):
         assert m in run.data.metrics
+    assert 0 < run.data.metrics["train_cpu_share"] <= 1.05  # process CPU ÷ (wall × threads)
     tags = run.data.tags
     assert tags["device"] == "cpu" and tags["torch_version"] == torch.__version__
     assert tags["data_hash"] == json.loads((project / "data/processed/meta.json").read_text())["data_hash"]

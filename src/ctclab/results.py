@@ -1,7 +1,8 @@
 """Every name ctclab gives a measurement, in one place (pure: no files, no tracking).
 
     per-epoch row       EpochRow: metrics/train_history.csv, and MLflow curves at step = epoch
-    training summary    TrainSummary: metrics/train.json; MLflow best_dev_lev_greedy, best_epoch, train_seconds
+    training summary    TrainSummary: metrics/train.json; MLflow best_dev_lev_greedy, best_epoch, train_seconds,
+                        train_cpu_share
     evaluation          eval_scores(): metrics/eval.json (dev_lev_<decoder>, dev_per_<decoder>), and in
                         MLflow the same keys behind `eval_`, with decode_<decoder>_utterances_per_second
     test scores         submit_scores(): metrics/submit.json and MLflow (test_lev_beam, test_per_beam)
@@ -13,6 +14,8 @@ studies' metric choice, the CLI summary and dvc.yaml's plots (tests/test_dvc_yam
 """
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import asdict, dataclass, fields
 
 # The version of these names in MLflow runs (tag ctclab_schema). 2: params as params.yaml names
@@ -75,12 +78,17 @@ class EpochRow:
 
 HISTORY_COLUMNS = tuple(f.name for f in fields(EpochRow))
 EPOCH_SECONDS = "epoch_seconds"
-TIMING = (EPOCH_SECONDS, "utterances_per_second")  # per-epoch MLflow curves beside the row's
-CURVES = (*HISTORY_COLUMNS[1:], EPOCH_SECONDS)  # the learning curves a study child copies from a shared training
+# The process's CPU seconds ÷ (wall seconds × torch threads) over an epoch: ~1.0 when the training had
+# its cores to itself; another process on them shows as less (measured, not assumed from -j × threads).
+CPU_SHARE = "cpu_share"
+HOST_LOAD = "host_load_1m"  # the host's 1-minute load average at the epoch's end (os.getloadavg)
+TIMING = (EPOCH_SECONDS, "utterances_per_second", CPU_SHARE, HOST_LOAD)  # per-epoch MLflow curves beside the row's
+CURVES = (*HISTORY_COLUMNS[1:], EPOCH_SECONDS, CPU_SHARE, HOST_LOAD)  # what a study child copies from a shared training
 SELECT_BY = lev(DEV, EPOCH_DECODER)
 assert SELECT_BY in HISTORY_COLUMNS
 BEST = "best_" + SELECT_BY
 TRAIN_SECONDS = "train_seconds"
+TRAIN_CPU_SHARE = "train_cpu_share"  # CPU_SHARE over all epochs (weighted by their seconds)
 VERIFIED_CURVES = ("train_loss", SELECT_BY)  # what `ctclab verify` compares epoch by epoch
 
 
@@ -103,13 +111,27 @@ class TrainSummary:
         return cls(len(history), best.epoch, best.dev_lev_greedy, best.dev_per, best.dev_loss,
                    history[-1].train_loss, parameters, infeasible["train"], infeasible["dev"])
 
-    def tracked(self, train_seconds: float) -> dict[str, float]:
+    def tracked(self, train_seconds: float, cpu_share: float) -> dict[str, float]:
         """What MLflow gets of it when the training ends."""
-        return {BEST: self.dev_lev_greedy, **self.model_metadata(), TRAIN_SECONDS: train_seconds}
+        return {BEST: self.dev_lev_greedy, **self.model_metadata(), TRAIN_SECONDS: train_seconds,
+                TRAIN_CPU_SHARE: cpu_share}
 
     def model_metadata(self) -> dict[str, int]:
         """What the logged MLflow model records of the training that chose it."""
         return {"best_epoch": self.best_epoch}
+
+
+class EpochClock:
+    """An epoch's TIMING, started when the epoch starts: wall seconds, utterances per second of
+    its training part, the CPU share its torch threads got, and the host's load at its end."""
+
+    def __init__(self, threads: int):
+        self.threads, self.wall, self.cpu = threads, time.perf_counter(), time.process_time()
+
+    def timing(self, seen: int, train_seconds: float) -> dict[str, float]:
+        wall = time.perf_counter() - self.wall
+        share = (time.process_time() - self.cpu) / (wall * self.threads)
+        return dict(zip(TIMING, (wall, seen / train_seconds, share, os.getloadavg()[0])))
 
 
 def eval_scores(scores: dict, beam_width: int) -> dict:

@@ -31,7 +31,7 @@ from .data import Shard, read_meta
 from .errors import CtclabError, Interrupted, signal_name
 from .inference import device_name, evaluate_split, load_model, select_device
 from .metrics import score
-from .results import EPOCH_DECODER, HISTORY_COLUMNS, TIMING, DataMeta, EpochRow, TrainSummary
+from .results import EPOCH_DECODER, HISTORY_COLUMNS, DataMeta, EpochClock, EpochRow, TrainSummary
 from .trainer import Trainer
 
 TRACKED_SECTIONS = ("data", "features", "model", "train", "tracking")
@@ -126,7 +126,7 @@ def write_outputs(history: list[dict], summary: TrainSummary, run: tracking.RunL
         ",".join(str(r[k]) for k in HISTORY_COLUMNS) + "\n" for r in history))
     # evaluate and submit find this run by the checkpoint's bytes (no run id in DVC's outs)
     run.set_tags({"checkpoint_sha256": storage.sha256_file(out_dir / "best.pt")})
-    run.log_metrics(summary.tracked(run.store.train_seconds(run.run_id)))
+    run.log_metrics(summary.tracked(run.store.train_seconds(run.run_id), run.store.train_cpu_share(run.run_id)))
     run.log_artifact(out_dir / "best.pt", "checkpoints")
     run.log_artifact(out_dir / "last.pt", "checkpoints")
     best = load_model(out_dir / "best.pt")
@@ -183,6 +183,7 @@ class Training:
         """One epoch (from where a resumed one stopped): train, score dev, log, checkpoint. Rank 0
         scores dev and broadcasts the scores; it alone (`run` is None elsewhere) logs and writes."""
         trainer, state, group, t0 = self.trainer, self.progress, self.trainer.group, time.perf_counter()
+        clock = EpochClock(torch.get_num_threads())
         batches = self.data.batches(self.cfg, epoch, group.world)
         desc = f"epoch {epoch + 1}/{self.cfg.epochs}"
         done = (state.loss_sum, state.seen) if group.main else (0.0, 0)
@@ -194,7 +195,7 @@ class Training:
             trainer.scheduler.step(distance)  # on rank 0's score everywhere, so that the ranks' lrs agree
         row = EpochRow(epoch + 1, round(train_loss, 6), round(dev_loss, 6), round(distance, 6), round(per, 6),
                        trainer.optimizer.param_groups[0]["lr"])
-        timing = dict(zip(TIMING, (time.perf_counter() - t0, seen / train_seconds)))
+        timing = clock.timing(seen, train_seconds)
         improved = distance < state.best
         state.epoch, state.best, state.batch, state.loss_sum, state.seen = epoch + 1, min(state.best, distance), 0, 0.0, 0
         state.history.append(asdict(row))
