@@ -1,21 +1,38 @@
-"""Report pieces on hand-made runs: per-seed values, Holm-adjusted verdicts, whether timings compare."""
+"""Report pieces on hand-made runs: per-seed values, Holm-adjusted verdicts, whether timings compare,
+and the runs table a report is rendered from (and regenerated from, byte for byte)."""
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from ctclab import report, study_runs, tracking
-from ctclab.studies import Study
+from ctclab import report, study_runs, study_table, tracking
+from ctclab.errors import CtclabError
+from ctclab.studies import Study, load
+from ctclab.study_table import StudyRun
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(variant, seed, value, jobs="1", threads="2"):
-    return tracking.RunRecord(f"{variant}{seed}" * 4, "FINISHED", seed, {}, {"dev_lev_beam": value},
-                              {"variant": variant, "seed": str(seed), "parallel_jobs": jobs, "torch_threads": threads})
+def run(variant, seed, value, jobs="1", threads="2", share=0.99, load=1.0, commit=""):
+    return StudyRun(variant, seed, f"{variant}{seed}" * 4, value, "", "123", 10.0, share, load, 100.0, jobs, threads,
+                    commit, "false", "cpu", "Xeon", "2", "vm", "2.13.0", "synthetic", "24", "ab" * 32,
+                    {"dev_lev_greedy": {1: value + 1, 2: value}, "cpu_share": {1: share, 2: share}})
+
+
+def grouped(study, runs) -> dict:
+    return study_table.Table(study_table.Parent("p", "1", "u", "c", ""), runs).by_variant([v.name for v in study.variants])
+
+
+def compared(study, runs) -> dict:
+    return report.compare(study, report.variant_scores(grouped(study, runs)))
 
 
 STUDY = Study(name="s", question="q?", variants=[{"name": "a", "baseline": True}, {"name": "b"}], seeds=[0, 1])
 
 
 def test_per_seed_table_lists_every_value_with_its_run():
-    by_variant = report.latest_by_variant(STUDY, [run("a", 0, 2.0), run("a", 1, 2.5), run("b", 0, 3.25)])
+    by_variant = grouped(STUDY, [run("a", 0, 2.0), run("a", 1, 2.5), run("b", 0, 3.25)])
     lines = report.per_seed(STUDY, by_variant)
     assert lines[3] == "| variant | seed 0 | seed 1 |"
     assert lines[5] == "| a | 2.000 (`a0a0a0a0`) | 2.500 (`a1a1a1a1`) |"
@@ -25,23 +42,28 @@ def test_per_seed_table_lists_every_value_with_its_run():
 
 def test_runs_from_several_commits_are_named_with_their_commit():
     def at(commit, *args):
-        r = run(*args)
-        r.tags["mlflow.source.git.commit"] = commit * 40
-        return r
-    by_variant = report.latest_by_variant(STUDY, [at("1", "a", 0, 2.0), at("2", "a", 1, 2.5), at("2", "b", 0, 3.0)])
+        return run(*args, commit=commit * 40)
+    by_variant = grouped(STUDY, [at("1", "a", 0, 2.0), at("2", "a", 1, 2.5), at("2", "b", 0, 3.0)])
     assert report.code_note(by_variant) == ("Runs by commit (one from an earlier commit was reused only where its "
                                             "params and code equal the newest): `111111111111`: a s0; "
                                             "`222222222222`: a s1, b s0.")
 
 
-def test_timings_compare_only_under_equal_contention():
-    same = report.latest_by_variant(STUDY, [run("a", 0, 2.0), run("b", 0, 3.0)])
-    assert report.timing_note(same).startswith("Train seconds were all measured under the same contention")
-    mixed = report.latest_by_variant(STUDY, [run("a", 0, 2.0), run("b", 0, 3.0, jobs="2", threads="1")])
-    assert "NOT comparable" in report.timing_note(mixed)
-    old = report.latest_by_variant(STUDY, [tracking.RunRecord("x" * 32, "FINISHED", 0, {}, {"dev_lev_beam": 1.0},
-                                                                {"variant": "a", "seed": "0"})])
-    assert "NOT comparable" in report.timing_note(old)  # unrecorded contention is never assumed equal
+def test_timings_compare_only_when_every_run_had_its_cpu_share_under_equal_contention():
+    same = report.timing_note(grouped(STUDY, [run("a", 0, 2.0, share=0.97, load=2.4), run("b", 0, 3.0, share=0.995)]))
+    assert same == ("Every run trained on 2 torch threads: CPU floats differ with the thread count, so these scores "
+                    "are bit-comparable only with runs on as many threads. Train seconds compare: every run had ≥ 90% "
+                    "of its CPU share (lowest 0.97, host load at most 2.4 on 2 cores) under the same jobs × threads.")
+    # a test suite on the same cores: the run measured less than its share, whatever -j × threads said
+    starved = report.timing_note(grouped(STUDY, [run("a", 0, 2.0), run("a", 1, 2.0, share=0.55, load=4.1),
+                                                 run("b", 0, 3.0, share=0.8)]))
+    assert ("Train seconds do NOT compare: 2 of 3 runs had less than 90% of their CPU share (a s1 0.55, b s0 0.80; "
+            "host load up to 4.1 on 2 cores)") in starved
+    mixed = report.timing_note(grouped(STUDY, [run("a", 0, 2.0), run("b", 0, 3.0, jobs="2", threads="1")]))
+    assert "Runs trained on different or unrecorded thread counts (1, 2)" in mixed and "not bit-comparable" in mixed
+    assert "Train seconds do NOT compare across variants: they ran as different jobs × threads (1 × 2, 2 × 1)" in mixed
+    old = report.timing_note(grouped(STUDY, [run("a", 0, 2.0, share=math.nan, jobs="", threads="")]))
+    assert "thread counts (?)" in old and "1 of 1 runs trained before ctclab measured the CPU share" in old
 
 
 def test_holm_adjustment_against_a_hand_computed_case():
@@ -67,11 +89,11 @@ def test_a_variant_significant_alone_is_not_after_holm():
     diffs = {"b": [-1.0, -1.2, -0.9, -1.1], "c": [-0.5, -0.1, -0.3, -0.6], "d": [0.1, 0.5, 0.2, 0.6]}
     runs = [run("a", s, 5.0) for s in range(4)]
     runs += [run(v, s, 5.0 + d[s]) for v, d in diffs.items() for s in range(4)]
-    comparisons = report.compare(study, report.latest_by_variant(study, runs))
+    comparisons = compared(study, runs)
     assert comparisons["c"].p == pytest.approx(0.0430149, abs=1e-6)  # < 0.05 on its own
     assert comparisons["c"].p_holm == pytest.approx(0.0860298, abs=1e-6)
     assert comparisons["b"].p_holm == pytest.approx(0.0015165, abs=1e-6)
-    lines = {v.name: report._row(study, v, report.latest_by_variant(study, runs)[v.name], comparisons.get(v.name))
+    lines = {v.name: report._row(study, v, grouped(study, runs)[v.name], comparisons.get(v.name))
              for v in study.variants}
     assert "| better |" in lines["b"] and "| 0.001 (0.002) |" in lines["b"]
     assert "| no detectable difference with 4 seeds; ≥ " in lines["c"] and "| 0.043 (0.086) |" in lines["c"]
@@ -94,9 +116,64 @@ def test_studies_recorded_before_study_experiments_still_report(tmp_path):
         client.log_metric(child.info.run_id, "dev_lev_beam", value)
         client.log_metric(child.info.run_id, "epoch/dev_lev_greedy", value + 1, step=1)
         client.set_terminated(child.info.run_id)
-    md = report.report(Study(name="s", question="q?", variants=[{"name": "a", "baseline": True}, {"name": "b"}],
-                             seeds=[0]), project).read_text()
-    assert "| a | 2.000 (`" in md and "| 3.000 (`" in md and f"parent run `{parent.run_id}`" in md
+    study = Study(name="s", question="q?", variants=[{"name": "a", "baseline": True}, {"name": "b"}], seeds=[0])
+    md = report.report(study, project)
+    written = md.read_bytes()
+    assert "| a | 2.000 (`" in md.read_text() and "| 3.000 (`" in md.read_text()
+    assert f"parent run `{parent.run_id}`" in md.read_text()
+    # the runs table alone regenerates it: no MLflow store needed
+    (project / "mlflow.db").unlink()
+    md.unlink()
+    assert report.report(study, project, from_table=True).read_bytes() == written
+    assert not (project / "mlflow.db").exists()
+
+
+def test_a_runs_table_reads_back_exactly_what_was_written(tmp_path):
+    """Doubles to the last bit, run ids of digits and an `e` as text, curves of different lengths,
+    unrecorded values as unrecorded."""
+    awkward = [run("a", 0, 0.1 + 0.2), run("b", 0, 2.0 / 3, share=math.nan, threads=""),
+               StudyRun(**{**run("b", 1, 1e-17).__dict__, "run_id": "12345e67" * 4,
+                           "curves": {"dev_lev_greedy": {1: 5.0, 2: 4.0, 3: 1 / 7}, "cpu_share": {}}})]
+    table = study_table.Table(study_table.Parent("p" * 32, "7", "http://h/#/x?a=1&b=2", "http://h/#/y", " (after `ctclab ui`)"),
+                              awkward)
+    path = tmp_path / "s.runs.csv"
+    study_table.write(table, path)
+    back = study_table.read(path)
+    assert back.parent == table.parent and [r.run_id for r in back.runs] == [r.run_id for r in awkward]
+    assert back.runs[0].score == 0.1 + 0.2 and back.runs[2].score == 1e-17 and back.runs[1].score == 2.0 / 3
+    assert math.isnan(back.runs[1].train_cpu_share) and back.runs[1].torch_threads == ""
+    assert back.runs[2].curve() == [(1, 5.0), (2, 4.0), (3, 1 / 7)] and back.runs[0].curve() == [(1, 1.1 + 0.2), (2, 0.1 + 0.2)]
+    assert back.runs[2].curves["cpu_share"] == {} and back.runs[0].curves["cpu_share"] == {1: 0.99, 2: 0.99}
+    study_table.write(back, tmp_path / "again.csv")
+    assert (tmp_path / "again.csv").read_bytes() == path.read_bytes()
+    assert report.render(STUDY, False, back) == report.render(STUDY, False, table)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text.replace("train_cpu_share,", "cpu,", 1), "no column train_cpu_share; expected the runs table"),
+    (lambda text: text.replace(",0.99,", ",high,", 1), "column train_cpu_share of run a0a0a0a0 is 'high', "
+                                                          "expected a number"),
+    (lambda text: text.splitlines()[0] + "\n", "no rows; expected the runs table"),
+])
+def test_a_broken_runs_table_is_named_in_one_line(tmp_path, edit, message):
+    path = tmp_path / "s.runs.csv"
+    study_table.write(study_table.Table(study_table.Parent("p", "1", "u", "c", ""), [run("a", 0, 2.0)]), path)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(CtclabError) as err:
+        study_table.read(path)
+    assert str(err.value) == f"{path}: {message}" + ("" if "expected a number" in message else
+                                                     " `ctclab study report` writes")
+
+
+COMMITTED = sorted((ROOT / "experiments/reports").glob("*.runs.csv"))
+
+
+@pytest.mark.parametrize("table", COMMITTED, ids=[t.name for t in COMMITTED])
+def test_every_committed_runs_table_regenerates_its_report_byte_for_byte(table):
+    stem = table.name.removesuffix(".runs.csv")
+    name, smoke = stem.removesuffix("-smoke"), stem.endswith("-smoke")
+    study = load(ROOT / "experiments" / f"{name}.yaml", ROOT / "params.yaml")
+    assert report.render(study, smoke, study_table.read(table)) == (table.parent / f"{stem}.md").read_text()
 
 
 def test_power_lines_say_what_the_seeds_could_detect_and_what_would_decide():
@@ -115,7 +192,7 @@ def test_power_lines_say_what_the_seeds_could_detect_and_what_would_decide():
                   variants=[{"name": "a", "baseline": True}, {"name": "b"}, {"name": "c"}])
     runs = [run("a", s, x) for s, x in enumerate((2.0, 2.1, 2.2))] + \
         [run("b", s, x) for s, x in enumerate((2.1, 2.5, 1.9))] + [run("c", s, 1.0 + s / 9) for s in range(3)]
-    c = report.compare(study, report.latest_by_variant(study, runs))
+    c = compared(study, runs)
     assert (c["c"].level, c["b"].level) == (0.025, 0.05)
     said = c["b"].verdict()
     assert said.startswith("no detectable difference with 3 seeds; ≥ ") and " would have been detected; the observed +" in said

@@ -12,7 +12,7 @@ import pytest
 import requests
 import yaml
 
-from ctclab import report, studies, submission, tracking
+from ctclab import report, studies, study_table, submission, tracking
 from ctclab.errors import CtclabError
 from conftest import make_fall2022, make_spring2022
 from project import REPO, AuthServer, MlflowServer, commit, committed_project, env, run, survivors
@@ -120,6 +120,14 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
         assert f"| {expected}" in rows[1], (diffs, p, rows[1])  # a "no detectable" one goes on with its power
         assert (clones[0] / "experiments/reports/kaiming_smoke-smoke_curves.png").stat().st_size > 1000
         assert "p (Holm)" in report and "Holm-adjusted across the study's 1 comparison (in" in report  # broken has none
+        # its runs table, with each run's contention, regenerates it byte for byte without the server
+        table = study_table.read(clones[0] / "experiments/reports/kaiming_smoke-smoke.runs.csv")
+        assert sorted((r.variant, r.seed) for r in table.runs) == [("off", 0), ("off", 1), ("on", 0), ("on", 1)]
+        assert all(0 < r.train_cpu_share <= 1.05 and r.torch_threads and r.curve() for r in table.runs)
+        (clones[0] / "experiments/reports/kaiming_smoke-smoke.md").unlink()
+        study_cli(clones[0], "report", "experiments/kaiming_smoke.yaml", "--smoke", "--from-table",
+                  tracking_uri="http://127.0.0.1:9")  # nothing listens there
+        assert (clones[0] / "experiments/reports/kaiming_smoke-smoke.md").read_text() == report
         # a second run skips what is complete, whichever machine ran it
         again = study_cli(clones[0], "run", "experiments/kaiming_smoke.yaml", "--smoke", check=False,
                           tracking_uri=uri).stdout

@@ -192,8 +192,8 @@ def cmd_study_report(a) -> int:
     from . import report, studies
 
     root = repo_root()
-    md = report.report(studies.load(a.study, root / "params.yaml"), root, a.smoke)
-    print(f"report: {md.relative_to(root)}")
+    md = report.report(studies.load(a.study, root / "params.yaml"), root, a.smoke, from_table=a.from_table)
+    print(f"report: {md.relative_to(root)}{' (from its runs table)' if a.from_table else ''}")
     return 0
 
 
@@ -257,9 +257,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, nargs="+")
     r.add_argument("--smoke", action="store_true", help="the study's smoke size (tiny corpus, 1 epoch)")
     r.set_defaults(func=cmd_study_run)
-    q = ssub.add_parser("report", help="write experiments/reports/<study>.md from MLflow")
+    q = ssub.add_parser("report", help="write experiments/reports/<study>.md and its runs table <study>.runs.csv "
+                                       "from MLflow")
     q.add_argument("study")
     q.add_argument("--smoke", action="store_true")
+    q.add_argument("--from-table", action="store_true",
+                   help="regenerate the report from experiments/reports/<study>.runs.csv alone (no MLflow store needed)")
     q.set_defaults(func=cmd_study_report)
     q = ssub.add_parser("promote", help="register the report's best variant (its best seed) as ctclab-<arch>@champion "
                                         "(@smoke for --smoke)")

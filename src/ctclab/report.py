@@ -2,29 +2,35 @@
 difference against the baseline with a t-based 95 % interval, its p-value Holm-adjusted across the
 study's variants and the verdict that follows — with, where no difference is detected, the smallest
 one the seeds would have detected and the seeds the observed one needs — per-seed values, learning
-curves (mean ± 1 std).
+curves (mean ± 1 std), and whether the runs' train seconds compare (the CPU share each had).
 
     ctclab study report experiments/kaiming.yaml [--smoke]   →  experiments/reports/<study>.md
+    ctclab study report experiments/kaiming.yaml --from-table   (from <study>.runs.csv alone)
+
+The markdown is rendered from the runs table (ctclab.study_table) in both cases, so the committed
+table regenerates the committed report byte for byte.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-import platform
 from pathlib import Path
 
 import numpy as np
 from scipy import optimize, stats
 
-from . import storage, study_runs, tracking
+from . import storage, study_table, tracking
 from .errors import CtclabError
-from .results import SELECT_BY, SUBMIT_DECODER, TRAIN_SECONDS, decode_speed
+from .results import EVAL
 from .studies import Study, Variant, finished, parent_run, score
+from .study_table import StudyRun, Table
 
 ALPHA = 0.05
 POWER = 0.8  # the chance of detecting a true difference that a power line speaks of
 MAX_SEEDS = 1000  # "needs more than this" beyond
+# A training whose CPU share fell below this had less than its cores: another process used them,
+# and its seconds do not compare (uncontended trainings measure 0.99–1.00 on 2-vCPU Xeon, 1 or 2 threads).
+FULL_SHARE = 0.9
 
 
 def paired(diffs: list[float]) -> tuple[float, float, float] | None:
@@ -116,16 +122,17 @@ class Comparison:
                 f"the observed {np.mean(self.diffs):+.3f} needs " + (f"~{needed} seeds" if needed else f"> {MAX_SEEDS} seeds"))
 
 
-def compare(study: Study, by_variant: dict) -> dict[str, Comparison]:
-    """Paired comparison of every non-baseline variant with the baseline, Holm-adjusted together."""
-    base = by_variant[study.baseline.name]
+def compare(study: Study, scores: dict[str, dict[int, float]]) -> dict[str, Comparison]:
+    """Paired comparison of every non-baseline variant with the baseline ({variant: {seed: score}}),
+    Holm-adjusted together."""
+    base = scores[study.baseline.name]
     out = {}
     for v in study.variants:
-        if v.baseline or not by_variant[v.name]:
+        if v.baseline or not scores[v.name]:
             continue
-        rs = by_variant[v.name]
+        rs = scores[v.name]
         common = sorted(set(rs) & set(base))
-        diffs = [score(rs[s], study.metric) - score(base[s], study.metric) for s in common]
+        diffs = [rs[s] - base[s] for s in common]
         out[v.name] = Comparison(common, diffs, paired(diffs), p_value(diffs))
     tested = [c for c in out.values() if c.p is not None]
     for c, adjusted in zip(tested, holm([c.p for c in tested])):
@@ -151,70 +158,92 @@ def latest_by_variant(study: Study, runs: list[tracking.RunRecord]) -> dict[str,
     return by_variant
 
 
-def _header(study: Study, smoke: bool, parent: study_runs.ParentRun, any_run: tracking.RunRecord | None) -> list[str]:
-    runs, curves = parent.ui_addresses()
-    lines = [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
-             f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{parent.run_id}` "
-             f"in experiment `{parent.experiment_id}`; the MLflow UI{parent.ui_where()} shows its runs at "
-             f"{runs} and their curves at {curves}.", ""]
-    if any_run is not None:
-        t = any_run.tags
-        # runs from before the cpu_count tag existed: the count is known only if this is their host
-        cores = t.get("cpu_count") or (str(os.cpu_count()) if t.get("host") == platform.node() else None)
-        hardware = ", ".join(x for x in (t.get("device_name"), cores and f"{cores} CPU cores") if x)
-        lines += [f"Data: `{any_run.params.get('data.source', '?')}` corpus, "
-                  f"{any_run.params.get('data.synthetic.train', '?')} train utterances (data hash "
-                  f"`{t.get('data_hash', '?')[:12]}`). Hardware: {t.get('device', '?')}"
-                  f"{f' ({hardware})' if hardware else ''} on `{t.get('host', '?')}`, torch {t.get('torch_version', '?')}.",
-                  ""]
-    return lines + ["| variant | params vs baseline | n | mean ± std | Δ vs baseline (95 % CI) | p (Holm) | verdict | "
-                    "parameters | train s | jobs × threads | decode utt/s | runs |",
-                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _header(study: Study, smoke: bool, table: Table) -> list[str]:
+    p, r = table.parent, table.runs[0]
+    hardware = ", ".join(x for x in (r.device_name, r.cpu_count and f"{r.cpu_count} CPU cores") if x)
+    return [f"# Study: {study.name}{' (smoke size)' if smoke else ''}", "", f"**Question.** {study.question}", "",
+            f"Metric: `{study.metric}` on dev (lower is better). MLflow parent run `{p.parent_run_id}` "
+            f"in experiment `{p.experiment_id}`; the MLflow UI{p.ui_where} shows its runs at "
+            f"{p.ui_runs} and their curves at {p.ui_curves}. Every run, with its curve, is in "
+            f"[{_stem(study, smoke)}.runs.csv]({_stem(study, smoke)}.runs.csv) (`ctclab study report --from-table` "
+            "regenerates this report from it).", "",
+            f"Data: `{r.data_source or '?'}` corpus, {r.train_utterances or '?'} train utterances (data hash "
+            f"`{r.data_hash[:12] or '?'}`). Hardware: {r.device or '?'}{f' ({hardware})' if hardware else ''} on "
+            f"`{r.host or '?'}`, torch {r.torch_version or '?'}.", "",
+            "| variant | params vs baseline | n | mean ± std | Δ vs baseline (95 % CI) | p (Holm) | verdict | "
+            "parameters | train s | CPU share | jobs × threads | decode utt/s | runs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
-def _contention(rs: dict[int, tracking.RunRecord]) -> str:
+def _stem(study: Study, smoke: bool) -> str:
+    return study.name + ("-smoke" if smoke else "")
+
+
+def _contention(rs: dict[int, StudyRun]) -> str:
     """'-j × threads' the variant's trainings ran with ('?' for runs from before it was recorded)."""
-    seen = sorted({f"{r.tags.get('parallel_jobs', '?')} × {r.tags.get('torch_threads', '?')}" for r in rs.values()})
+    seen = sorted({f"{r.parallel_jobs or '?'} × {r.torch_threads or '?'}" for r in rs.values()})
     return ", ".join(seen) or "–"
 
 
-def per_seed(study: Study, by_variant: dict[str, dict[int, tracking.RunRecord]]) -> list[str]:
+def per_seed(study: Study, by_variant: dict[str, dict[int, StudyRun]]) -> list[str]:
     """Every variant's value for every seed, with its run id, so a reader can check each mean."""
     seeds = sorted({s for rs in by_variant.values() for s in rs})
     lines = ["", f"Per seed (`{study.metric}`, child run id):", "",
              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for v in study.variants:
         rs = by_variant[v.name]
-        cells = [f"{score(rs[s], study.metric):.3f} (`{rs[s].run_id[:8]}`)" if s in rs else "–" for s in seeds]
+        cells = [f"{rs[s].score:.3f} (`{rs[s].run_id[:8]}`)" if s in rs else "–" for s in seeds]
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return lines + ["", code_note(by_variant)]
 
 
-def code_note(by_variant: dict[str, dict[int, tracking.RunRecord]]) -> str:
+def code_note(by_variant: dict[str, dict[int, StudyRun]]) -> str:
     """Which commits the runs come from: a re-run study reuses a finished run only when its params
     and code equal what would run now (ctclab.studies.Identity), so several commits can appear."""
     commits: dict[str, list[str]] = {}
     for v, rs in by_variant.items():
         for s, r in sorted(rs.items()):
-            commits.setdefault(r.tags.get("mlflow.source.git.commit", "unknown")[:12], []).append(f"{v} s{s}")
+            commits.setdefault(r.commit[:12] or "unknown", []).append(f"{v} s{s}")
     if len(commits) == 1:
         return f"Every run is at commit `{next(iter(commits))}`."
     return "Runs by commit (one from an earlier commit was reused only where its params and code equal the newest): " + "; ".join(
         f"`{c}`: {', '.join(runs)}" for c, runs in commits.items()) + "."
 
 
-def timing_note(by_variant: dict[str, dict[int, tracking.RunRecord]]) -> str:
+def timing_note(by_variant: dict[str, dict[int, StudyRun]]) -> str:
+    """Whether the scores are bit-comparable (one thread count) and the train seconds comparable
+    (the same jobs × threads, and every run had its CPU share as measured, not assumed)."""
+    runs = [r for rs in by_variant.values() for r in rs.values()]
+    threads = sorted({r.torch_threads or "?" for r in runs})
+    if len(threads) == 1 and threads != ["?"]:
+        floats = (f"Every run trained on {threads[0]} torch thread{'s' if threads[0] != '1' else ''}: CPU floats differ "
+                  "with the thread count, so these scores are bit-comparable only with runs on as many threads.")
+    else:
+        floats = (f"Runs trained on different or unrecorded thread counts ({', '.join(threads)}): CPU floats differ with "
+                  "the thread count, so their scores are not bit-comparable.")
+    unmeasured = [r for r in runs if math.isnan(r.train_cpu_share)]
+    short = sorted((r for r in runs if r.train_cpu_share < FULL_SHARE), key=lambda r: r.train_cpu_share)
     conditions = {_contention(rs) for rs in by_variant.values() if rs}
-    if len(conditions) == 1 and "?" not in next(iter(conditions)):
-        return "Train seconds were all measured under the same contention (jobs × threads), so they compare."
-    return ("Train seconds are NOT comparable across variants: they ran under different or unrecorded "
-            "contention (jobs × threads column); compare them only between rows with equal values.")
+    if unmeasured:
+        return (f"{floats} Train seconds do NOT compare: {len(unmeasured)} of {len(runs)} runs trained before ctclab "
+                "measured the CPU share a training had, so their contention is unknown.")
+    if short:
+        listed = ", ".join(f"{r.variant} s{r.seed} {r.train_cpu_share:.2f}" for r in short[:6])
+        return (f"{floats} Train seconds do NOT compare: {len(short)} of {len(runs)} runs had less than "
+                f"{FULL_SHARE:.0%} of their CPU share ({listed}{' …' if len(short) > 6 else ''}; host load up to "
+                f"{max(r.host_load_max for r in runs):.1f} on {runs[0].cpu_count or '?'} cores): another process used "
+                "their cores.")
+    if len(conditions) > 1:
+        return f"{floats} Train seconds do NOT compare across variants: they ran as different jobs × threads ({', '.join(sorted(conditions))})."
+    return (f"{floats} Train seconds compare: every run had ≥ {FULL_SHARE:.0%} of its CPU share (lowest "
+            f"{min(r.train_cpu_share for r in runs):.2f}, host load at most {max(r.host_load_max for r in runs):.1f} on "
+            f"{runs[0].cpu_count or '?'} cores) under the same jobs × threads.")
 
 
-def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison: Comparison | None) -> str:
+def _row(study: Study, v: Variant, rs: dict[int, StudyRun], comparison: Comparison | None) -> str:
     if not rs:
-        return f"| {v.name} | {_diff(v, study)} | 0 | – | – | – | no finished runs | – | – | – | – | – |"
-    m, sd = mean_std([score(rs[s], study.metric) for s in sorted(rs)])
+        return f"| {v.name} | {_diff(v, study)} | 0 | – | – | – | no finished runs | – | – | – | – | – | – |"
+    m, sd = mean_std([rs[s].score for s in sorted(rs)])
     if v.baseline:
         delta, p, word = "–", "–", "baseline"
     elif comparison is None or not comparison.diffs:
@@ -225,12 +254,13 @@ def _row(study: Study, v: Variant, rs: dict[int, tracking.RunRecord], comparison
         p = f"{c.p:.3f} ({c.p_holm:.3f})" if c.p is not None else "–"
         word = c.verdict()
     first = rs[sorted(rs)[0]]
-    train_s = mean_std([r.metrics.get(TRAIN_SECONDS, math.nan) for r in rs.values()])[0]
-    decode = mean_std([r.metrics.get(decode_speed(SUBMIT_DECODER), math.nan) for r in rs.values()])[0]
+    train_s = mean_std([r.train_seconds for r in rs.values()])[0]
+    share = min(r.train_cpu_share for r in rs.values())
+    decode = mean_std([r.decode_utterances_per_second for r in rs.values()])[0]
     ids = ", ".join(f"`{rs[s].run_id[:8]}`" for s in sorted(rs))
-    return (f"| {v.name} | {_diff(v, study)} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {p} | {word} | "
-            f"{first.params.get('parameter_count', first.tags.get('parameter_count', '?'))} | "
-            f"{train_s:.{0 if train_s >= 10 else 1}f} | {_contention(rs)} | {decode:.0f} | {ids} |")
+    return (f"| {v.name} | {first.params_vs_baseline} | {len(rs)} | {m:.3f} ± {sd:.3f} | {delta} | {p} | {word} | "
+            f"{first.parameters or '?'} | {train_s:.{0 if train_s >= 10 else 1}f} | "
+            f"{'?' if math.isnan(share) else f'{share:.2f}'} | {_contention(rs)} | {decode:.0f} | {ids} |")
 
 
 def plot_history(csv: Path, png: Path, x: str, ys: list[str]) -> None:
@@ -258,7 +288,7 @@ def plot_history(csv: Path, png: Path, x: str, ys: list[str]) -> None:
     plt.close(fig)
 
 
-def _plot_curves(study: Study, by_variant: dict, png: Path, store: tracking.Store) -> None:
+def _plot_curves(study: Study, by_variant: dict[str, dict[int, StudyRun]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +298,7 @@ def _plot_curves(study: Study, by_variant: dict, png: Path, store: tracking.Stor
     for name, rs in by_variant.items():
         if not rs:
             continue
-        curves = [dict(_curve(r, store)) for r in rs.values()]
+        curves = [dict(r.curve()) for r in rs.values()]
         steps = sorted({s for c in curves for s in c})
         values = [[c[st] for c in curves if st in c] for st in steps]
         mean = np.array([np.mean(v) for v in values])
@@ -281,40 +311,61 @@ def _plot_curves(study: Study, by_variant: dict, png: Path, store: tracking.Stor
     ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, metadata={"Software": None})  # no matplotlib version in the bytes
     plt.close(fig)
 
 
-def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = "experiments/reports") -> Path:
-    parent = parent_run(study, smoke, root, create=False)
+def report(study: Study, root: Path, smoke: bool = False, out_dir: str | Path = "experiments/reports",
+           from_table: bool = False) -> Path:
+    """Write experiments/reports/<study>.md (and its curves' PNG) from the study's MLflow runs, by
+    way of the runs table written beside it; `from_table`: from that table alone (no MLflow)."""
+    out_dir, stem = root / out_dir, _stem(study, smoke)
+    csv, md, png = out_dir / f"{stem}.runs.csv", out_dir / f"{stem}.md", out_dir / f"{stem}_curves.png"
+    if not from_table:
+        parent = parent_run(study, smoke, root, create=False)
+        study_table.write(collect(study, parent), csv)
+    table = study_table.read(csv)
+    storage.write_text(md, render(study, smoke, table))
+    _plot_curves(study, table.by_variant([v.name for v in study.variants]), png)
+    if not from_table:
+        parent.log_artifacts([md, png, csv], "report")
+    return md
+
+
+def collect(study: Study, parent) -> Table:
+    """The runs the report counts, read from MLflow, as a table."""
     by_variant = latest_by_variant(study, parent.children())
-    out_dir, stem = root / out_dir, study.name + ("-smoke" if smoke else "")
-    comparisons = compare(study, by_variant)
-    any_run = next((c for rs in by_variant.values() for c in rs.values()), None)
-    lines = _header(study, smoke, parent, any_run)
+    if not any(by_variant.values()):
+        raise CtclabError(f"{study.path}: no finished runs of study {study.name!r} yet; `ctclab study run "
+                          f"{study.path}` first (a run needs its `{EVAL}{study.metric}`)")
+    runs, curves = parent.ui_addresses()
+    head = study_table.Parent(parent.run_id, parent.experiment_id, runs, curves, parent.ui_where())
+    variants = {v.name: v for v in study.variants}
+    return Table(head, [study_table.from_record(r, score(r, study.metric), _diff(variants[name], study), parent.store)
+                        for name, rs in by_variant.items() for _, r in sorted(rs.items())])
+
+
+def render(study: Study, smoke: bool, table: Table) -> str:
+    """The report's markdown: a function of the study file and its runs table only."""
+    by_variant = table.by_variant([v.name for v in study.variants])
+    comparisons = compare(study, variant_scores(by_variant))
+    lines = _header(study, smoke, table)
     lines += [_row(study, v, by_variant[v.name], comparisons.get(v.name)) for v in study.variants]
     lines += per_seed(study, by_variant)
-    png = out_dir / f"{stem}_curves.png"
-    _plot_curves(study, by_variant, png, parent.store)
     lines += ["", f"Verdicts compare each variant with the baseline seed by seed: paired differences, a t-based 95 % "
               f"interval (negative = lower distance than baseline) and a paired t-test whose p-values are "
               f"Holm-adjusted across the study's {len(comparisons)} comparison{'s' if len(comparisons) != 1 else ''} (in brackets); a variant is better "
               f"or worse only when its adjusted p < {ALPHA}. Where it is neither, the verdict says the smallest true difference "
               f"its seeds would have detected with {POWER:.0%} power (paired t-test at the level Holm held its p to, "
               f"{ALPHA}/m for the smallest of m p-values, {ALPHA}/(m − 1) for the next…, with the spread of its "
-              f"differences) and how many seeds the observed difference needs at that level. " + timing_note(by_variant), "",
-              f"![learning curves (mean ± 1 std over seeds)]({png.name})", ""]
-    md = out_dir / f"{stem}.md"
-    storage.write_text(md, "\n".join(lines))
-    parent.log_artifacts([md, png], "report")
-    return md
+              f"differences) and how many seeds the observed difference needs at that level. CPU share: the process's "
+              f"CPU seconds ÷ (wall seconds × torch threads) over the training, lowest of the variant's runs. "
+              + timing_note(by_variant), "", f"![learning curves (mean ± 1 std over seeds)]({_stem(study, smoke)}_curves.png)", ""]
+    return "\n".join(lines)
 
 
-def _curve(run: tracking.RunRecord, store: tracking.Store) -> list[tuple[int, float]]:
-    """Per-epoch dev greedy distance of a child run (epochs count from 1; runs from before the
-    curves took the row's names logged them under epoch/)."""
-    key = f"epoch/{SELECT_BY}" if f"epoch/{SELECT_BY}" in run.metrics else SELECT_BY
-    return [(step, value) for step, value in store.metric_history(run.run_id, key) if step >= 1]
+def variant_scores(by_variant: dict) -> dict[str, dict[int, float]]:
+    return {v: {s: r.score for s, r in rs.items()} for v, rs in by_variant.items()}
 
 
 def _diff(v: Variant, study: Study) -> str:
@@ -356,7 +407,8 @@ def promote(study: Study, root: Path, smoke: bool = False, force: bool = False) 
 
 
 def _promoted_verdict(study: Study, by_variant: dict, best: str) -> str:
-    comparison = compare(study, by_variant).get(best)
+    comparison = compare(study, {v: {s: score(r, study.metric) for s, r in rs.items()}
+                                 for v, rs in by_variant.items()}).get(best)
     if best == study.baseline.name:
         return "the baseline, and no variant beat it"
     if comparison is None or not comparison.diffs:

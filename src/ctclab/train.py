@@ -12,7 +12,6 @@ models/last.pt, and a resume slot that an interrupted train stage continues from
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
