@@ -9,7 +9,6 @@ is the widest beam's speed-up from 2 worker processes over 1 (their outputs must
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from ctclab.data import Shard
 from ctclab.decode import BeamDecoder, greedy
 from ctclab.metrics import score
 from ctclab.inference import evaluate_split, load_model
+
+from goal import add_goal, finish  # bench/goal.py, next to this script
 
 
 def posteriors(args):
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=0)
     ap.add_argument("--widths", type=int, nargs="+", default=[1, 5, 10, 25, 50])
     ap.add_argument("--repeats", type=int, default=3)
+    add_goal(ap, 1.8)
     args = ap.parse_args()
     lp, lengths, refs, what = posteriors(args)
     n = len(lengths)
@@ -77,8 +79,7 @@ def main() -> None:
     wide = max(args.widths)
     one, two = (next(r[2] for r in rows if r[0] == f"fast-ctc-decode b={wide}" and r[1] == w) for w in (1, 2))
     same = "" if not worker_mismatch else ", OUTPUT DIFFERS"
-    print(f"decode: {one / two:.2f}x (goal >= 1.8x; beam {wide}, 2 workers vs 1{same})")
-    sys.exit(0 if one / two >= 1.8 and not worker_mismatch else 1)  # a regression fails the run
+    finish("decode", one / two, args.goal, f"beam {wide}, 2 workers vs 1{same}", checks_passed=not worker_mismatch)
 
 
 if __name__ == "__main__":

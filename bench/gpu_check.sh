@@ -8,7 +8,7 @@
 # imports (pydantic, mlflow-skinny with a file store, Levenshtein, fast-ctc-decode) comes from the
 # wheels in .whl/, and the default corpus's shards from data/processed (both made by --prepare; carry
 # both). It runs the CUDA tests, bench/train_speed.py over 28,539 utterances shaped like
-# train-clean-100 at batch 64 and 256 (and 256 with stride 4; ctclab's own Trainer.epoch and DataLoader,
+# train-clean-100, batch 64 vs 256 and stride 2 vs 4 at 256, side by side (ctclab's own Trainer.epoch and DataLoader,
 # over a shard written once to /tmp/ctclab-bench-shards), a profile of batch-64 steps, the
 # LSTM in fp32 vs under autocast, compile vs eager, and the default train → evaluate stages on CUDA,
 # then appends one dated line per figure, with the card's name, to bench/RESULTS.md (and copies it,
@@ -60,28 +60,31 @@ record() { echo "| $DAY | $CARD | torch $TORCH | $1 |" | tee -a bench/RESULTS.md
 timeout 240 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/cuda_tests.log" | tail -15
 record "CUDA tests (tests/test_cuda.py): $(grep -E '[0-9]+ (passed|failed)' "$OUT_DIR/cuda_tests.log" | tail -1)"
 
-# 2. training speed at train-clean-100 scale, batch 64 and 256
-for B in 64 256; do
-    timeout 180 python3 bench/train_speed.py --device cuda --batch-size "$B" 2>&1 | tee "$OUT_DIR/train_speed_b$B.log" | tail -4
-    row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, in Trainer.step " $4 " s (other " $5 "), padding " $6 ", peak " $8 " GiB"}' "$OUT_DIR/train_speed_b$B.log")
-    record "bench/train_speed.py (ctclab's Trainer) A3 (6.9 M) 28,539 synthetic-shape utt, batch $B, bf16: ${row:-FAILED (see log)}"
-done
+# 2. training speed at train-clean-100 scale, side by side in one run each (bench/train_speed.py: the
+# `base` and `versus` rows of epoch 1; `row LOG CONFIG` formats one)
+row() { awk -v c="$2" '$1 == c && $2 == "1" {print $3 " s/epoch, " $4 " utt/s, in Trainer.step " $5 " s (other " $6 "), padding " $7 ", peak " $9 " GiB"}' "$1"; }
+secs() { awk -v c="$2" '$1 == c && $2 == "1" {print $3 " s (" $4 " utt/s)"}' "$1"; }
+last() { tail -1 "$1" | grep -E '^train_speed: ' || echo 'FAILED (see log)'; }
+LOG=$OUT_DIR/train_speed_b64_vs_b256.log
+timeout 300 python3 bench/train_speed.py --device cuda --batch-size 64 --versus train.batch_size=256 --goal 2 2>&1 \
+    | tee "$LOG" | tail -5
+record "bench/train_speed.py (ctclab's Trainer) A3 (6.9 M) 28,539 synthetic-shape utt, batch 64, bf16: $(row "$LOG" base)"
+record "bench/train_speed.py (ctclab's Trainer) A3 (6.9 M) 28,539 synthetic-shape utt, batch 256, bf16: $(row "$LOG" versus); $(last "$LOG")"
 # fewer steps instead of a larger batch: stride 4 halves the LSTM's sequential steps (a different model)
-timeout 120 python3 bench/train_speed.py --device cuda --batch-size 256 --stride 4 2>&1 \
-    | tee "$OUT_DIR/train_speed_b256_stride4.log" | tail -2
-row=$(awk '$1 == "1" {print $2 " s/epoch, " $3 " utt/s, in Trainer.step " $4 " s (other " $5 ")"}' "$OUT_DIR/train_speed_b256_stride4.log")
-record "bench/train_speed.py A3 with model.stride 4, 28,539 synthetic-shape utt, batch 256, bf16: ${row:-FAILED (see log)}"
+LOG=$OUT_DIR/train_speed_b256_stride2_vs_4.log
+timeout 180 python3 bench/train_speed.py --device cuda --batch-size 256 --versus model.conv_lstm.stride=4 2>&1 \
+    | tee "$LOG" | tail -3
+record "bench/train_speed.py A3 with model.stride 4, 28,539 synthetic-shape utt, batch 256, bf16: $(row "$LOG" versus) (stride 2: $(secs "$LOG" base)); $(last "$LOG")"
 # where a batch-64 step's time goes, and what running the LSTM under autocast would change (30 steps each)
-timeout 90 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 3 --profile 5 2>&1 \
-    | grep -vi warn | tee "$OUT_DIR/profile_b64.log" | grep -E "cudnn_rnn|Self CUDA time total"
-timeout 60 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 3 --lstm-autocast 2>&1 \
-    | tee "$OUT_DIR/lstm_autocast_b64.log" | tail -2
-secs() { awk '$1 == "1" {print $2 " s (" $3 " utt/s)"}' "$1"; }
-record "bench/train_speed.py b64, 1,920 utt: LSTM in fp32 $(secs "$OUT_DIR/profile_b64.log") vs under autocast $(secs "$OUT_DIR/lstm_autocast_b64.log")"
+LOG=$OUT_DIR/lstm_autocast_b64.log
+timeout 120 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 3 --profile 5 --lstm-autocast --goal 1 \
+    2>&1 | grep -vi warn | tee "$LOG" | grep -E "cudnn_rnn|Self CUDA time total|^train_speed"
+record "bench/train_speed.py b64, 1,920 utt: LSTM in fp32 $(secs "$LOG" base) vs under autocast $(secs "$LOG" versus); $(last "$LOG")"
 # train.compile: the same 30 steps with the non-recurrent parts compiled (off by default unless this wins)
-timeout 150 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 5 --compile 2>&1 \
-    | grep -vi warn | tee "$OUT_DIR/compile_b64.log" | tail -2
-record "bench/train_speed.py b64, 1,920 utt: eager $(secs "$OUT_DIR/profile_b64.log") vs train.compile $(secs "$OUT_DIR/compile_b64.log")"
+LOG=$OUT_DIR/compile_b64.log
+timeout 180 python3 bench/train_speed.py --device cuda --utterances 1920 --warmup 5 --versus train.compile=true --goal 1 \
+    2>&1 | grep -vi warn | tee "$LOG" | tail -2
+record "bench/train_speed.py b64, 1,920 utt: eager $(secs "$LOG" base) vs train.compile $(secs "$LOG" versus); $(last "$LOG")"
 
 # 3. the default pipeline's train → evaluate on CUDA, all 15 epochs (a PER sanity check against the CPU's)
 PROJ=/tmp/ctclab-gpu-project

@@ -17,13 +17,14 @@ TINY = {
     "decode.py": ["--random", "8", "--widths", "1", "5", "--repeats", "1"],
     "loader.py": ["--utterances", "24", "--hidden", "32"],
     "tracking.py": ["--epochs", "2", "--steps", "2"],
-    "train_speed.py": ["--utterances", "16", "--batch-size", "8", "--warmup", "0"],
+    "train_speed.py": ["--utterances", "12", "--batch-size", "8", "--warmup", "0"],
 }
-RATIO_LINE = re.compile(r"(\w+): \d+\.\d+x \(goal >= \d+(\.\d+)?x.*\)")
+RATIO_LINE = re.compile(r"(\w+): \d+\.\d+x \(goal >= (\d+(\.\d+)?)x.*\)")
+IMPOSSIBLE = "1000"  # no ratio reaches it: every benchmark must fail its run
 
 
 def test_every_benchmark_is_covered():
-    assert sorted(TINY) == sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "synthetic.py")
+    assert sorted(TINY) == sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name not in ("synthetic.py", "goal.py"))
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
@@ -34,12 +35,20 @@ def test_a_benchmark_ends_with_its_ratio_and_leaves_nothing_running(tmp_path, re
     scratch = Path(tempfile.mkdtemp(prefix="ctclab-bench-"))
     request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
     extra = ["--shards", str(scratch / "shards")] if script == "train_speed.py" else []
-    r = subprocess.run([sys.executable, str(REPO / "bench" / script), *TINY[script], *extra], cwd=project,
-                       env=env({"TMPDIR": str(scratch)}), capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(REPO / "bench" / script), *TINY[script], *extra, "--goal", IMPOSSIBLE],
+                       cwd=project, env=env({"TMPDIR": str(scratch)}), capture_output=True, text=True, timeout=600)
     last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-    # below its goal a benchmark exits 1 (at this size it may); anything else is a failure
-    assert r.returncode in (0, 1) and RATIO_LINE.fullmatch(last), r.stdout[-1500:] + r.stderr[-1500:]
-    assert RATIO_LINE.fullmatch(last).group(1) == script.removesuffix(".py")
+    # it ran to its ratio line, and below the goal it fails the run (exit 1, not a crash's 2 or more)
+    assert r.returncode == 1 and RATIO_LINE.fullmatch(last), r.stdout[-1500:] + r.stderr[-1500:]
+    assert RATIO_LINE.fullmatch(last).group(1, 2) == (script.removesuffix(".py"), IMPOSSIBLE)
     assert survivors(tmp_path, timeout_s=30) == [] and survivors(scratch, timeout_s=30) == []
     assert [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
             and "forkserver" not in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())] == []
+
+
+@pytest.mark.parametrize("ratio, goal, checks, status", [(1.9, 1.8, True, 0), (1.8, 1.8, True, 0), (1.7, 1.8, True, 1),
+                                                         (2.5, 1.8, False, 1)])
+def test_a_benchmark_passes_only_at_or_above_its_goal_with_its_checks_passed(ratio, goal, checks, status):
+    r = subprocess.run([sys.executable, "-c", f"from goal import finish; finish('x', {ratio}, {goal}, 'y', {checks})"],
+                       cwd=REPO / "bench", capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (status, f"x: {ratio:.2f}x (goal >= {goal:g}x; y)\n")

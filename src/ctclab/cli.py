@@ -182,7 +182,7 @@ def cmd_study_run(a) -> int:
           f"{result['parent_run_id']}; MLflow UI: {result['ui']}")
     for name in result["failed"]:
         print(f"  FAILED {name}: see its log with `dvc queue logs {name}`")
-    if result["queued"] or result["skipped"]:
+    if len(result["queued"]) > len(result["failed"]) or result["skipped"]:  # a finished run to report
         md = report.report(study, root, a.smoke)
         print(f"report: {md.relative_to(root)}")
     return 1 if result["failed"] else 0
