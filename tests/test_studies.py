@@ -253,6 +253,21 @@ def test_untracked_code_is_refused_and_a_dead_worker_is_replaced_once(tmp_path, 
     assert starts == [1, 1] and result["failed"] == ["s-a-s0-smoke"]  # ran (and failed at fetch), not lost
 
 
+def test_a_busy_worker_that_misses_dvcs_question_still_counts_as_alive(tmp_path):
+    """`dvc queue status` can say "0 active, 0 idle" for a worker too busy to answer its one-second
+    celery question; the runner then looks for the worker's process (cmdline `… queue-worker …`,
+    working directory the repository) before it gives up on the queue."""
+    assert studies.queue_states(tmp_path, [])[1] is None  # not a DVC repository: DVC says nothing
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "queue-worker"], cwd=tmp_path)
+    try:
+        assert studies.worker_processes(tmp_path) and studies.queue_states(tmp_path, [])[1] is True
+        assert not studies.worker_processes(tmp_path / "elsewhere")  # another repository's worker is not ours
+    finally:
+        worker.kill()
+        worker.wait()
+    assert not studies.worker_processes(tmp_path)
+
+
 def write_study(tmp_path, **over):
     base = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": {}},
                                                          {"name": "b", "params": {"model.conv_lstm.kaiming": False}}],

@@ -380,4 +380,20 @@ def queue_states(root: Path, names: list[str]) -> tuple[dict[str, str | None], b
         cols = line.split()
         if len(cols) >= 2 and cols[1] in states:
             states[cols[1]] = cols[-1]
+    if worker_processes(root):  # alive, whether or not it answered DVC's question in time
+        return states, True
     return states, None if workers is None else int(workers.group(1)) + int(workers.group(2)) > 0
+
+
+def worker_processes(root: Path) -> bool:
+    """Whether a DVC queue worker process of this repository runs. `dvc queue status` asks the
+    workers through celery with a one-second timeout, which a busy worker on a loaded machine can
+    miss for longer than WORKERLESS_SECONDS (a test run beside a study did)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        info = proc.info
+        if ("queue-worker" in (info["cmdline"] or []) and info["cwd"] == str(root.resolve())
+                and info["status"] != psutil.STATUS_ZOMBIE):
+            return True
+    return False
