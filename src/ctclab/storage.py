@@ -10,6 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+# The process's umask, read once at import (reading it means setting it; not while threads write).
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
@@ -18,6 +22,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would leave reports and metrics readable by the writer alone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
