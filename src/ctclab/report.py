@@ -29,7 +29,7 @@ ALPHA = 0.05
 POWER = 0.8  # the chance of detecting a true difference that a power line speaks of
 MAX_SEEDS = 1000  # "needs more than this" beyond
 # A training whose CPU share fell below this had less than its cores: another process used them,
-# and its seconds do not compare (uncontended trainings measure 0.99–1.00 on 2-vCPU Xeon, 1 or 2 threads).
+# and its seconds do not compare (the default training alone on a 2-vCPU Xeon: 0.984, epochs 0.969–0.992).
 FULL_SHARE = 0.9
 
 
