@@ -5,14 +5,14 @@ configurations side by side: `base` (A3 at the write-up's size and the flags) an
     python bench/train_speed.py --device cuda                                   # batch 64: stride 2 vs 4
     python bench/train_speed.py --device cuda --versus train.batch_size=256 --goal 2
     python bench/train_speed.py --device cuda --utterances 1920 --versus train.compile=true --goal 1
-    python bench/train_speed.py --device cuda --utterances 1920 --lstm-autocast --goal 1
+    python bench/train_speed.py --device cuda --utterances 1920 --versus train.lstm_autocast=true --goal 1
     python bench/train_speed.py --device cpu --utterances 64 --batch-size 16 --epochs 2
 
 The data are random features with train-clean-100's shape (bench/synthetic.py: 28,539
 utterances, ~N(1270, 370) frames clipped to [150, 2450], ~1 label per 8.5 frames, 13 dims), written
 once as a ctclab shard under --shards (1.9 GB at full size) and read through the product's
 DataLoader. The model is the write-up's A3 (Conv1d stride 2 + BN + GELU + ConvNeXt block →
-4-layer BiLSTM(256), dropout 0.4 → MLP); everything else is params.yaml's train section (Adam
+4-layer BiLSTM(256), dropout 0.4 → MLP; --hidden shrinks it for rehearsals); everything else is params.yaml's train section (Adam
 2e-3, length-bucketed batches, AMP as train.amp says, train.loader_workers). Both models start from
 seed 0 and are warmed up; their timed epochs alternate, which goes first swapping every epoch, so a
 slow spell of a shared machine hits both. An epoch is `Trainer.epoch`; `step s` is the time inside
@@ -20,14 +20,13 @@ slow spell of a shared machine hits both. An epoch is `Trainer.epoch`; `step s` 
 GPU's timeline, the clock on the CPU) and `other` the share of the epoch outside it (waiting for
 the DataLoader, sync points, launch gaps). Prints per configuration and epoch the seconds,
 utterances/s, padding, loss and peak memory, then a 28,539-utterance epoch's seconds of each (the
-GPU goal is 15 s); the last line is `train_speed: <base s / versus s>x (goal >= <goal>x; …)`, and
+GPU goal is 8 s); the last line is `train_speed: <base s / versus s>x (goal >= <goal>x; …)`, and
 the exit status 1 below the goal.
 """
 from __future__ import annotations
 
 import argparse
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -96,22 +95,6 @@ class TimedTrainer(Trainer):
         return time.perf_counter() - t0, self.watch.seconds(), loss
 
 
-def lstm_under_autocast(model) -> None:
-    """What ctclab.models avoids, for comparison: this model's LSTMs fed by autocast (cuDNN in reduced precision)."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    from ctclab import models
-
-    def forward(self, x, lengths):
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
-        return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
-
-    for module in model.modules():
-        if isinstance(module, models.BiLSTM):
-            module.forward = types.MethodType(forward, module)
-
-
 def profile(trainer: TimedTrainer, shard, batches) -> None:
     """Where a step's time goes: the ten most expensive ops (self time on the device, or the CPU)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -136,22 +119,21 @@ def arguments() -> argparse.Namespace:
                     help="model.conv_lstm.stride: 4 halves the LSTM's sequential steps (the write-up's A3 has 2)")
     ap.add_argument("--versus", nargs="+", metavar="KEY=VALUE",
                     help=f"params.yaml overrides of the configuration `base` is compared with (default {' '.join(VERSUS)})")
-    ap.add_argument("--lstm-autocast", action="store_true",
-                    help="`versus` runs its LSTM under autocast as PyTorch would (cuDNN in reduced precision) instead "
-                         "of ctclab's fp32")
+    ap.add_argument("--hidden", type=int, default=256, help="A3's hidden and embedding width (256: the write-up's)")
     ap.add_argument("--shards", type=Path, default=Path("/tmp/ctclab-bench-shards"),
                     help="where the synthetic shard is written once per size and read again")
     add_goal(ap, GOAL)
     args = ap.parse_args()
     if args.versus is None:
-        args.versus = [] if args.lstm_autocast else list(VERSUS)
+        args.versus = list(VERSUS)
     return args
 
 
 def configurations(args) -> dict:
     """`base` (A3 and the flags) and `versus` (base with --versus's overrides) as params."""
     base = with_overrides(load_params(REPO / "params.yaml"), {
-        **SEED_A3, "model.conv_lstm.stride": args.stride, "train.batch_size": args.batch_size, "train.seed": 0,
+        **SEED_A3, "model.conv_lstm.hidden": args.hidden, "model.conv_lstm.embed_dim": args.hidden,
+        "model.conv_lstm.stride": args.stride, "train.batch_size": args.batch_size, "train.seed": 0,
         "train.device": args.device, "train.compile": args.compile, "train.epochs": max(2, args.epochs),
         "train.warmup_epochs": 0}, "train_speed")
     pairs = [o.split("=", 1) for o in args.versus]
@@ -164,8 +146,6 @@ def setup(name: str, params, shard, device, args) -> tuple[TimedTrainer, list]:
     """The configuration's Trainer (from seed 0, warmed up) and its epochs' batches."""
     seed_everything(0, device)
     model = build(params.model, shard.feature_dim).to(device)
-    if name == "versus" and args.lstm_autocast:
-        lstm_under_autocast(model)
     if params.train.compile:
         model.compile_parts()  # compiled during the warmup batches
     frames, size = shard.frames(), params.train.batch_size
@@ -174,7 +154,7 @@ def setup(name: str, params, shard, device, args) -> tuple[TimedTrainer, list]:
     if args.warmup:
         trainer.timed_epoch(shard, bucket_batches(frames, size, 0, 99)[:args.warmup], f"{name} warmup")
     print(f"{name}: A3 {parameter_count(model) / 1e6:.2f} M params; batch {size}; amp {trainer.dtype}; LSTM "
-          f"{'under autocast' if name == 'versus' and args.lstm_autocast else 'in fp32'}; "
+          f"{'under autocast' if params.train.lstm_autocast else 'in fp32'}; "
           f"{'compiled' if params.train.compile else 'eager'}; stride {params.model.active.stride}; "
           f"{params.train.loader_workers} loader workers")
     return trainer, batches
@@ -187,8 +167,7 @@ def main() -> None:
     shard = write_shard(args.shards / f"train-clean-100-shape-{args.utterances}", frames, seed=0)
     setups = {name: setup(name, params, shard, device, args) for name, params in configurations(args).items()}
     print(f"{device_name(device)}; {args.utterances} utterances, mean {frames.mean():.0f} frames, "
-          f"{shard.label_offsets[-1] / len(shard):.0f} labels; versus = base with {' '.join(args.versus) or 'nothing'}"
-          f"{' and its LSTM under autocast' if args.lstm_autocast else ''}")
+          f"{shard.label_offsets[-1] / len(shard):.0f} labels; versus = base with {' '.join(args.versus) or 'nothing'}")
     print(f"{'config':>7}{'epoch':>6}{'seconds':>9}{'utt/s':>9}{'step s':>8}{'other':>7}{'padding':>9}{'loss':>9}"
           f"{'peak GiB':>10}")
     seconds = {name: [] for name in setups}
@@ -211,7 +190,7 @@ def main() -> None:
     print(f"\na 28,539-utterance epoch: base {per_epoch['base']:.1f} s, versus {per_epoch['versus']:.1f} s "
           f"(the GPU goal: <= 15 s; {device_name(device)})")
     finish("train_speed", sum(seconds["base"]) / sum(seconds["versus"]), args.goal,
-           f"versus ({' '.join(args.versus)}{' lstm-autocast' if args.lstm_autocast else ''}) over base, "
+           f"versus ({' '.join(args.versus)}) over base, "
            f"{args.epochs} epoch{'s' if args.epochs != 1 else ''} each")
 
 

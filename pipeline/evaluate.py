@@ -4,9 +4,11 @@ yours); write eval.json to --metrics; log scores, decode speed and the worst utt
     dvc repro evaluate      # runs dvc.yaml's cmd: python pipeline/evaluate.py --data data/processed --models models --metrics metrics
 """
 import _environment  # noqa: F401  (first: a one-line stop when ctclab is not importable)
+from ctclab import gpu_lease
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.evaluate import evaluate
+from ctclab.inference import select_device
 from ctclab.project import stage_arguments
 from ctclab.results import describe_eval
 
@@ -19,6 +21,7 @@ PARAMS = ["decode.beam_width", "study", "train.seed"]
 def main() -> None:
     paths = stage_arguments(__doc__, "data", "models", "metrics")
     p = load_params()
+    gpu_lease.lease_for_stage(select_device("auto").type)  # its own GPU when stages share the machine
     r = evaluate(p.decode, paths.data, paths.models, paths.metrics, study=p.study, seed=p.train.seed,
                  tracking_uri=p.tracking.uri)
     print(f"evaluate: {describe_eval(r)}")

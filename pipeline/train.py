@@ -7,7 +7,7 @@ import _environment  # noqa: F401  (first: a one-line stop when ctclab is not im
 import os
 import sys
 
-from ctclab import distributed
+from ctclab import distributed, gpu_lease
 from ctclab.config import load_params
 from ctclab.errors import one_line_errors
 from ctclab.inference import select_device
@@ -19,16 +19,20 @@ from ctclab.train import train
 # where the nodes meet, tracking.* and study.* only where and under which name the run is logged.
 PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer", "train.weight_decay",
           "train.scheduler", "train.warmup_epochs", "train.grad_clip", "train.seed", "train.device", "train.amp",
-          "train.oom", "train.specaugment", "train.compile", "train.distributed.nproc", "train.distributed.nnodes"]
+          "train.oom", "train.specaugment", "train.compile", "train.lstm_autocast",
+          "train.distributed.nproc", "train.distributed.nnodes"]
 
 
 @one_line_errors
 def main() -> None:
     paths = stage_arguments(__doc__, "data", "models", "metrics")
     params = load_params()
+    device = select_device(params.train.device)
+    # a GPU of its own (or its nproc GPUs for torchrun's workers) when trainings share the machine
+    gpu_lease.lease_for_stage(device.type, params.train.distributed.nproc)
     if distributed.wanted(params.train.distributed) and not distributed.is_worker():
         # this script again on every process of this node, under torchrun's launcher
-        distributed.launch(params.train.distributed, select_device(params.train.device), __file__, sys.argv[1:])
+        distributed.launch(params.train.distributed, device, __file__, sys.argv[1:])
         return
     with distributed.worker_errors():
         best, run_id = train(params, paths.data, paths.models, paths.metrics)

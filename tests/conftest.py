@@ -1,6 +1,16 @@
 """Shared fixtures: a tiny embedded corpus (generated once per session) and HW3P2 layout replicas."""
 from __future__ import annotations
 
+import os
+
+# Before anything imports torch: each test worker (pytest-xdist) takes its share of the cores, as a
+# study's `-j N` gives each experiment, and so does every stage a test starts. Torch's default (every
+# core in every worker) would make the workers' threads spin-wait on each other, several times
+# slower (bench/contention.py); and a stage choosing its threads from the free cores
+# (ctclab.threads) could train two runs a test compares on different counts.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+
 import csv
 import zipfile
 from pathlib import Path

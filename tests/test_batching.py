@@ -66,3 +66,16 @@ def test_batch_lengths_stay_on_the_cpu_when_moved(shard):
 def test_ctc_min_frames_counts_a_blank_between_repeats():
     assert ctc_min_frames(np.array([3, 3, 4, 4, 4, 5])) == 9
     assert ctc_min_frames(np.array([], dtype=np.int64)) == 0
+
+
+@pytest.mark.parametrize("batch_size", [64, 256, 512, 1024])
+def test_large_batches_keep_padding_under_five_percent_and_still_mix_each_epoch(batch_size):
+    # train-clean-100's shape (bench/synthetic.py): ~N(1270, 370) frames, 28,539 utterances
+    lengths = np.clip(np.random.default_rng(0).normal(1270, 370, 28539), 150, 2450).astype(np.int64)
+    epochs = [bucket_batches(lengths, batch_size, seed=0, epoch=e) for e in range(2)]
+    for batches in epochs:
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+        padded = sum(len(b) * int(lengths[b].max()) for b in batches)
+        assert 1 - lengths.sum() / padded < 0.05
+    as_sets = [{frozenset(b.tolist()) for b in batches} for batches in epochs]
+    assert len(as_sets[0] & as_sets[1]) < len(as_sets[0]) / 2  # most batches are new mixes the next epoch

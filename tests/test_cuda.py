@@ -12,7 +12,7 @@ from conftest import make_spring2022
 from ctclab.checkpoint import RESUME_DIR
 from ctclab.data import preprocess
 from ctclab.inference import load_checkpoint, load_model
-from ctclab.models import BiLSTM, build
+from ctclab.models import BiLSTM, build, recurrence_under_autocast
 from ctclab.models import architectures
 from project import config, interrupt_training, merge, model_config, project_with_data, run_train
 
@@ -86,6 +86,18 @@ def test_lstm_runs_fp32_under_autocast_with_cudnn_backward():
     assert log_probs.dtype == torch.float32 and out_lengths.device.type == "cpu"
     log_probs.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.body.parameters())
+
+
+def test_train_lstm_autocast_hands_cudnn_the_autocast_dtype_and_trains(tmp_path, processed):
+    model = build(model_config(hidden=16, embed_dim=16), 13).cuda().train()
+    recurrence_under_autocast(model, True)
+    seen = {}
+    model.body.lstm.register_forward_hook(lambda m, i, o: seen.update(dtype=o[0].data.dtype))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        log_probs, _ = model(torch.randn(4, 50, 13, device="cuda"), torch.tensor([50, 40, 30, 20]))
+    assert seen["dtype"] == torch.bfloat16 and log_probs.dtype == torch.float32
+    project = cuda_project(tmp_path, processed, {"train": {"epochs": 1, "lstm_autocast": True, "amp": "bf16"}})
+    assert math.isfinite(run_train(project)["final_train_loss"])
 
 
 def test_killed_cuda_training_resumes_in_the_same_run(tmp_path, processed):

@@ -75,8 +75,9 @@ def disagreements(dvc: dict) -> list[str]:
         script = Path(next(w for w in stage["cmd"].split() if w.endswith(".py")))
         deps = set(stage.get("deps", []))
         code_deps = {d for d in deps if d.startswith(("src/", "pipeline/"))}
-        expected = ({str(script)} | local_imports(REPO / script)
-                    | {dep_path(m) for m in import_closure(REPO / script)})
+        helpers = local_imports(REPO / script)  # _environment, whose ctclab imports run first in every stage
+        modules = set().union(*(import_closure(REPO / f) for f in [script, *helpers]))
+        expected = {str(script)} | helpers | {dep_path(m) for m in modules}
         problems += [f"{name}: missing dep {d}" for d in sorted(expected - code_deps)]
         problems += [f"{name}: dep {d} is not imported by {script}" for d in sorted(code_deps - expected)]
         params = stage.get("params", [])

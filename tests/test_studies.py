@@ -12,7 +12,7 @@ import pytest
 import requests
 import yaml
 
-from ctclab import report, studies, study_table, submission, tracking
+from ctclab import gpu_lease, report, studies, study_table, submission, tracking
 from ctclab.errors import CtclabError
 from conftest import make_fall2022, make_spring2022
 from project import REPO, AuthServer, MlflowServer, commit, committed_project, env, run, survivors
@@ -26,8 +26,9 @@ def study_project(tmp_path, study: dict) -> Path:
                                                            yaml.safe_dump(study, sort_keys=False)})
 
 
-def study_cli(project, *args, check=True, tracking_uri=None, login: tuple[str, str] | None = None):
+def study_cli(project, *args, check=True, tracking_uri=None, login: tuple[str, str] | None = None, extra_env=None):
     extra = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
+    extra |= extra_env or {}
     if login:
         extra |= {"MLFLOW_TRACKING_USERNAME": login[0], "MLFLOW_TRACKING_PASSWORD": login[1]}
     return run(project, sys.executable, "-m", "ctclab", "study", *args, check=check, timeout=900, env=extra)
@@ -57,13 +58,14 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
              "seeds": [0, 1, 2], "smoke": SMOKE}
     origin = study_project(tmp_path, study)
     clones = [tmp_path / "machine_a", tmp_path / "machine_b"]
+    two_gpus = {gpu_lease.SIMULATED_ENV: "2", gpu_lease.FOLDER_ENV: str(tmp_path / "leases")}  # pretend ones
     for clone in clones:
         run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
     with MlflowServer(tmp_path / "server") as server:
         uri = server.uri
         for clone, seed in zip(clones, ("0", "1")):
             result = study_cli(clone, "run", "experiments/kaiming_smoke.yaml", "--smoke", "--seeds", seed, "-j", "2",
-                               check=False, tracking_uri=uri)
+                               check=False, tracking_uri=uri, extra_env=two_gpus)
             assert result.returncode == 1 and "2 ran, 0 skipped (already complete), 1 failed" in result.stdout, result.stdout
             assert f"FAILED kaiming_smoke-broken-s{seed}-smoke: see its log with `dvc queue logs" in result.stdout
         out = result.stdout
@@ -87,6 +89,12 @@ def test_smoke_study_from_two_clones_on_one_mlflow_server(tmp_path):
             assert "eval_dev_lev_beam" in k.data.metrics and "train_seconds" in k.data.metrics
             assert [h.step for h in client.get_metric_history(k.info.run_id, "dev_lev_greedy")] == [1]
             assert k.inputs.dataset_inputs[0].dataset.name == "ctclab-synthetic" and k.outputs.model_outputs
+            assert k.data.tags["gpu_lease"] in ("cuda:0 (simulated)", "cuda:1 (simulated)")
+        # -j 2 on two GPUs: the trainings that ran at the same time (one machine's seed) had a GPU each
+        overlapping = [(a, b) for a in kids for b in kids if a.data.tags["seed"] == b.data.tags["seed"]
+                       and a.info.run_id < b.info.run_id and a.info.start_time < b.info.end_time
+                       and b.info.start_time < a.info.end_time]
+        assert overlapping and all(a.data.tags["gpu_lease"] != b.data.tags["gpu_lease"] for a, b in overlapping)
 
         # the same through the REST API: runs, child runs, and a checkpoint's bytes from the artifact store
         exp_id = rest(server, "GET", "experiments/get-by-name",

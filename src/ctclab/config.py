@@ -120,6 +120,7 @@ class TrainConfig(Section):
     checkpoint_minutes: Annotated[float, Field(gt=0.0)]  # a mid-epoch resume checkpoint at least this often
     oom: Literal["split", "fail"]  # out of memory: retry the batch as micro-batches, or stop
     compile: bool  # torch.compile what the architecture says fuses well (CTCModel.compile_parts)
+    lstm_autocast: bool  # CUDA: BiLSTMs under autocast too (reduced-precision cuDNN); no effect on the CPU
     specaugment: SpecAugmentConfig
     distributed: DistributedConfig
 

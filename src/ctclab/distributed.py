@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import threads
 from .config import DistributedConfig
 from .errors import CtclabError
 
@@ -67,8 +68,8 @@ def launch(cfg: DistributedConfig, device: torch.device, script: str, script_arg
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHED_ENV] = "1"
-    # torchrun would set 1 thread per worker; a CPU run gets its share of the cores instead
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    # torchrun would set 1 thread per worker; a CPU run gets its share of the free cores instead
+    threads.share_among(cfg.nproc)
     try:
         run(parse_args(torchrun_args(cfg, script, script_args or [])))
     except ChildFailedError as err:
@@ -157,14 +158,22 @@ def _peer_lost(err: Exception) -> bool:
 
 @dataclass
 class Group:
-    """This process's place among the training processes (rank 0 of 1 without DDP)."""
+    """This process's place among the training processes (rank 0 of 1 without DDP). `joined`: in a
+    process group, so sums, broadcasts and gradients go through its collectives (NCCL or gloo), also
+    when torchrun started a single process (how bench/gpu_check.sh runs the NCCL path on one GPU)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    joined: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        """The process group's backend (nccl, gloo), or none without DDP (a run tag)."""
+        return torch.distributed.get_backend() if self.joined else "none"
 
     def share(self, batch: np.ndarray) -> np.ndarray:
         """This rank's contiguous part of a global batch (the sizes differ by at most one)."""
@@ -172,7 +181,7 @@ class Group:
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over the ranks (a copy; `values` as is with one process)."""
-        if self.world == 1:
+        if not self.joined:
             return values
         out = values.clone()
         torch.distributed.all_reduce(out)
@@ -180,7 +189,7 @@ class Group:
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
-        if self.world == 1:
+        if not self.joined:
             return obj
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -188,7 +197,7 @@ class Group:
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
-        if self.world == 1:
+        if not self.joined:
             return [obj]
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
@@ -197,7 +206,7 @@ class Group:
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """The module the training steps call: `model` itself, or under DDP with its BatchNorm layers
         made cross-rank (the checkpointed state dict keeps plain BatchNorm's keys)."""
-        if self.world == 1:
+        if not self.joined:
             return model
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -211,7 +220,7 @@ class Group:
             return nn.parallel.DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
 
     def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
+        if self.joined and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -221,9 +230,9 @@ SINGLE = Group()
 def join(device: torch.device) -> tuple[Group, torch.device]:
     """Join torchrun's process group when this process is one of its workers (else SINGLE), and the
     device to train on: on CUDA each worker takes the GPU of its local rank."""
-    if not is_worker() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not is_worker():
         return SINGLE, device
-    group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), joined=True)
     if device.type == "cuda":
         torch.cuda.set_device(group.local_rank)
         device = torch.device("cuda", group.local_rank)

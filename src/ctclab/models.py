@@ -23,6 +23,7 @@ backward through packed sequences is far slower; both paths use the same weights
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -86,15 +87,18 @@ class BiLSTM(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True,
                             dropout=dropout if layers > 1 else 0.0)
+        self.under_autocast = False  # train.lstm_autocast (set by `recurrence_under_autocast`)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`lengths` stay on the CPU: packing reads them there, so no host-device wait."""
         if x.is_cuda:
-            # The recurrence runs in fp32 outside autocast: autocast would hand cuDNN fp16 (also
-            # under bf16 autocast, where no grad scaler guards it) and mean-reduced CTC gradients
-            # of ~1e-5 at the LSTM can underflow there. It is latency-bound anyway.
-            with torch.autocast("cuda", enabled=False):
-                packed = pack_padded_sequence(x.float(), lengths.cpu(), batch_first=True, enforce_sorted=False)
+            # By default the recurrence runs in fp32 outside autocast: autocast would hand cuDNN fp16
+            # (also under bf16 autocast, where no grad scaler guards it) and mean-reduced CTC gradients
+            # of ~1e-5 at the LSTM can underflow there. It is latency-bound anyway. train.lstm_autocast
+            # keeps it under autocast, to measure what that gains (bench/train_speed.py).
+            with contextlib.nullcontext() if self.under_autocast else torch.autocast("cuda", enabled=False):
+                x = x if self.under_autocast else x.float()
+                packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
                 out, _ = self.lstm(packed)
             return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
         return self.forward_unpacked(x, lengths)
@@ -119,6 +123,13 @@ class BiLSTM(nn.Module):
             if layer < lstm.num_layers - 1 and lstm.dropout > 0:
                 x = nn.functional.dropout(x, lstm.dropout, self.training)
         return x * valid[:, :, None]
+
+
+def recurrence_under_autocast(model: nn.Module, on: bool) -> None:
+    """train.lstm_autocast: every BiLSTM of `model` runs under the caller's CUDA autocast (on) or in fp32."""
+    for module in model.modules():
+        if isinstance(module, BiLSTM):
+            module.under_autocast = on
 
 
 class CTCModel(nn.Module):

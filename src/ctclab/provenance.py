@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import gpu_lease, threads
 from .results import RUN_SCHEMA
 
 
@@ -45,12 +46,16 @@ def tags(root: Path, data_hash: str, device: str, device_name: str) -> dict[str,
         "cpu_count": str(os.cpu_count()),
         "cpu_model": cpu_model(),
         "torch_threads": str(torch.get_num_threads()),
+        # why that many: chosen from the CPUs other processes left free, or set by the caller (ctclab.threads)
+        "torch_threads_reason": os.environ.get(threads.REASON_ENV, "torch's default"),
         # trainings run side by side with this one (a study's -j): timings compare only at equal values
         "parallel_jobs": os.environ.get("CTCLAB_PARALLEL_JOBS", "1"),
         "host": platform.node(),
         # which names the run's params and metrics have (ctclab.results; untagged runs are schema 1)
         "ctclab_schema": str(RUN_SCHEMA),
     }
+    if os.environ.get(gpu_lease.TAG_ENV):  # which GPU(s) the training leased (ctclab.gpu_lease)
+        found["gpu_lease"] = os.environ[gpu_lease.TAG_ENV]
     if os.environ.get("DVC_EXP_NAME"):
         found["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     return found

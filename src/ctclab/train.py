@@ -276,7 +276,8 @@ def lead(t: Training, params: Params, meta: DataMeta, infeasible: dict, data_dir
     logged = {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRACKED_SECTIONS}
     tags = {**provenance.tags(root, meta.data_hash, str(trainer.device), device_name(trainer.device)),
             "parameter_count": models.parameter_count(trainer.model), "amp_dtype": str(trainer.dtype),
-            "world_size": trainer.group.world, **{f"infeasible_{k}": v for k, v in infeasible.items()}}
+            "world_size": trainer.group.world, "process_group": trainer.group.backend,
+            **{f"infeasible_{k}": v for k, v in infeasible.items()}}
     if params.study.name:
         tags.update({"study": params.study.name, "variant": params.study.variant, "seed": t.cfg.seed})
     name, parent = run_identity(params)

@@ -87,6 +87,7 @@ class Trainer:
     def __init__(self, model: models.CTCModel, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
                  group: distributed.Group = distributed.SINGLE):
         self.model, self.cfg, self.device, self.group = model, cfg, device, group
+        models.recurrence_under_autocast(model, cfg.lstm_autocast)
         self.net = group.wrap(model, device)  # what the steps call: the model, or its DDP wrapper
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, steps_per_epoch)
@@ -142,7 +143,7 @@ class Trainer:
 
     def _halve_after_oom(self, batch: Batch, size: int, n: int) -> int:
         """The next micro-batch size after an out-of-memory at `size`, or the one line that stops."""
-        ddp = self.group.world > 1
+        ddp = self.group.joined
         where = (f"out of memory on a batch of {n} utterances (longest {int(batch.lengths.max())} frames, "
                  f"{models.parameter_count(self.model):,} parameters)")
         if self.cfg.oom == "fail" or size == 1 or ddp:
