@@ -88,3 +88,13 @@ def test_gpu_check_rehearses_every_step_on_the_cpu_and_records_each_figure(tmp_p
         linked = set(re.findall(r"\(logs/(gpu_check-[\d-]+/[\w.]+)\)", "\n".join(lines)))
         assert len(linked) == len(lines) and linked <= {n.removeprefix("./") for n in logs.getnames()}
     assert survivors(tmp_path, timeout_s=30) == []
+
+
+def test_gpu_check_past_its_budget_skips_the_steps_left_and_still_returns_its_results(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--rehearse"], cwd=REPO,
+                       env=env({"OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "1"}),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "gpu_check: out of time (budget 1 s), skipped:" in r.stdout, r.stdout + r.stderr
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "pipeline at HW3P2 size: FAILED at validate: exit 124" in results and "skipped: out of time" in results
+    assert (tmp_path / "gpu_check_logs.tar.gz").is_file()
