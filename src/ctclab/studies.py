@@ -44,8 +44,8 @@ WORKERLESS_SECONDS = 30
 # A look at the queue through a `dvc queue status` process cost 0.7 CPU seconds on a quiet 2-vCPU
 # Xeon (2.5 s on a busy one), and looking 2 s after each answer took ~15 % of the machine from a
 # default-size study's trainings; DVC's own API in this process costs 0.02 s after a 0.3 s import
-# (queue_states; bench/logs/queue-status-cost-2vcpu-xeon.log). The runner looks every poll_seconds at first, then every tenth of the time
-# waited so far, and at least every MAX_POLL_SECONDS.
+# (queue_states; bench/logs/queue-status-cost-2vcpu-xeon.log). The runner looks every poll_seconds
+# at first, then every tenth of the time waited so far, and at least every MAX_POLL_SECONDS.
 MAX_POLL_SECONDS = 30
 
 
