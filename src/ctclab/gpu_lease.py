@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .errors import CtclabError
 
 FOLDER_ENV = "CTCLAB_GPU_LEASES"
@@ -93,8 +95,6 @@ def lease_for_stage(device_type: str, processes: int = 1) -> Lease | None:
         lease = take(processes, [str(i) for i in range(simulated)], folder(), prefix="simulated-gpu")
         lease.simulated = True
     else:
-        import torch
-
         lease = take(processes, visible_gpus(torch.cuda.device_count()), folder())
     _held.append(lease)
     os.environ[TAG_ENV] = lease.tag()
@@ -105,7 +105,5 @@ def lease_for_stage(device_type: str, processes: int = 1) -> Lease | None:
         if processes > 1:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(lease.names)
         else:
-            import torch
-
             torch.cuda.set_device(lease.positions[0])
     return lease

@@ -7,9 +7,9 @@ another busy process shares a CPU, the thread on it falls behind and the others 
 catches up. Measured on the 2-vCPU Xeon (bench/contention.py, bench/logs/contention-*2vcpu-xeon*.log):
 the default training's epoch takes 9–12 s on 2 threads alone but 30–40 s on 2 threads beside one
 CPU-bound process, and 14–16 s on 1 thread beside it; OpenMP's passive waiting (GOMP_SPINCOUNT=0)
-keeps 2 threads but took 14.6 s alone (11 s active) and 17.6 s beside it. So a stage started while other processes keep k CPUs busy takes the CPUs left
-(at least one); on a quiet machine it leaves torch's default (every CPU), so the default numbers
-are what they always were.
+keeps 2 threads but took 14.6 s alone (11 s active) and 17.6 s beside it. So a stage started while
+other processes keep k CPUs busy takes the CPUs left (at least one); on a quiet machine it leaves
+torch's default (every CPU), so the default numbers are what they always were.
 
 The thread count changes CPU float sums (the same training on 1 and 2 threads differs in the last
 bits), which is why the count is decided before the stage starts, never in the middle of a training,
