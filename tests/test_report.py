@@ -44,9 +44,14 @@ def test_runs_from_several_commits_are_named_with_their_commit():
     def at(commit, *args):
         return run(*args, commit=commit * 40)
     by_variant = grouped(STUDY, [at("1", "a", 0, 2.0), at("2", "a", 1, 2.5), at("2", "b", 0, 3.0)])
-    assert report.code_note(by_variant) == ("Runs by commit (one from an earlier commit was reused only where its "
-                                            "params and code equal the newest): `111111111111`: a s0; "
-                                            "`222222222222`: a s1, b s0.")
+    assert report.code_note(by_variant) == (
+        "Runs come from 2 commits: `111111111111`: a s0; `222222222222`: a s1, b s0. A study re-run without "
+        "`--seeds` trains again every variant × seed whose params or code differ from its checkout's; `--seeds` "
+        "adds seeds and leaves the others as they ran.")
+    # seeds added later to every variant (`--seeds 1`): named by seed, not run by run
+    added = grouped(STUDY, [at("1", "a", 0, 2.0), at("1", "b", 0, 3.0), at("2", "a", 1, 2.5), at("2", "b", 1, 3.5)])
+    assert report.code_note(added).startswith(
+        "Runs come from 2 commits: `111111111111`: seed 0 of every variant; `222222222222`: seed 1 of every variant. ")
 
 
 def test_timings_compare_only_when_every_run_had_its_cpu_share_under_equal_contention():

@@ -379,7 +379,7 @@ def test_a_server_with_accounts_refuses_in_one_line_before_any_training_and_lets
                 assert "editor-password-456" not in recorded
 
 
-def test_a_finished_run_stands_for_a_variant_only_with_the_same_params_and_code(tmp_path):
+def test_a_finished_run_stands_for_a_variant_only_with_the_same_params_and_code(tmp_path, capsys):
     """What decides reuse, on a real repository: the resolved params every stage depends on and the
     code at the run's (clean) commit; each difference is named."""
     study = {"name": "s", "question": "q?", "variants": [{"name": "a", "baseline": True, "params": {"train.lr": 0.003}}],
@@ -410,3 +410,12 @@ def test_a_finished_run_stands_for_a_variant_only_with_the_same_params_and_code(
     commit(project, "a code change")
     fresh = studies.Identity(loaded, project, smoke=True)
     assert fresh.why_not(recorded(params), variant, 0) == f"code changed since its commit {head[:12]} (src/ctclab/metrics.py)"
+    # `--seeds 1` adds a seed: seed 0's run is kept and counted, and the runner says it is stale
+    seed1 = recorded({**params, "train.seed": "1"})
+    studies._say_unchecked(loaded, {("a", "0"): recorded(params), ("a", "1"): seed1}, fresh, (1,))
+    assert capsys.readouterr().out == (
+        f"study s: the report also counts 1 earlier run(s) of seeds 0, kept as they ran although code changed since its "
+        f"commit {head[:12]} (src/ctclab/metrics.py); `--seeds 0` trains them again\n")
+    now = run(project, "git", "rev-parse", "HEAD").stdout.strip()
+    studies._say_unchecked(loaded, {("a", "0"): recorded(params, commit=now), ("a", "1"): seed1}, fresh, (1,))
+    assert capsys.readouterr().out == ""  # seed 0's run is what would run now: nothing to say

@@ -198,16 +198,27 @@ def per_seed(study: Study, by_variant: dict[str, dict[int, StudyRun]]) -> list[s
 
 
 def code_note(by_variant: dict[str, dict[int, StudyRun]]) -> str:
-    """Which commits the runs come from: a re-run study reuses a finished run only when its params
-    and code equal what would run now (ctclab.studies.Identity), so several commits can appear."""
-    commits: dict[str, list[str]] = {}
+    """Which commits the runs come from. Several can appear: a re-run study trains a variant × seed
+    again when its params or code differ from the checkout's (ctclab.studies.Identity), but `--seeds`
+    adds seeds and leaves the others as they are, whatever code they ran."""
+    seeds_at: dict[str, dict[str, list[int]]] = {}
     for v, rs in by_variant.items():
         for s, r in sorted(rs.items()):
-            commits.setdefault(r.commit[:12] or "unknown", []).append(f"{v} s{s}")
-    if len(commits) == 1:
-        return f"Every run is at commit `{next(iter(commits))}`."
-    return "Runs by commit (one from an earlier commit was reused only where its params and code equal the newest): " + "; ".join(
-        f"`{c}`: {', '.join(runs)}" for c, runs in commits.items()) + "."
+            seeds_at.setdefault(r.commit[:12] or "unknown", {}).setdefault(v, []).append(s)
+    if len(seeds_at) == 1:
+        return f"Every run is at commit `{next(iter(seeds_at))}`."
+    return (f"Runs come from {len(seeds_at)} commits: " + "; ".join(
+        f"`{c}`: {_seeds_of(by_seeds, list(by_variant))}" for c, by_seeds in seeds_at.items())
+        + ". A study re-run without `--seeds` trains again every variant × seed whose params or code differ from "
+        "its checkout's; `--seeds` adds seeds and leaves the others as they ran.")
+
+
+def _seeds_of(seeds_by_variant: dict[str, list[int]], variants: list[str]) -> str:
+    """'seeds 0, 1 of every variant', or per variant where they differ."""
+    sets = {tuple(s) for s in seeds_by_variant.values()}
+    if len(sets) == 1 and list(seeds_by_variant) == variants:
+        return f"seed{'s' * (len(next(iter(sets))) > 1)} {', '.join(map(str, next(iter(sets))))} of every variant"
+    return ", ".join(f"{v} s{s}" for v, seeds in seeds_by_variant.items() for s in seeds)
 
 
 def timing_note(by_variant: dict[str, dict[int, StudyRun]]) -> str:

@@ -245,6 +245,7 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
     latest = {(c.tags.get("variant"), c.tags.get("seed")): c
               for c in sorted(parent.children(), key=lambda c: c.start_time) if finished(c, study.metric)}
     identity = Identity(study, root, smoke)
+    _say_unchecked(study, latest, identity, seeds)
     names = [study.exp_name(v, s, smoke) for v in study.variants for s in seeds]
     in_queue = {n for n, state in queue_states(root, names)[0].items() if state in ("Queued", "Running")}
     queued, skipped = [], []
@@ -268,6 +269,22 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
             _dvc(root, "exp", "run", "--queue", "-n", name, *sets)
             queued.append(name)
     return queued, skipped
+
+
+def _say_unchecked(study: Study, latest: dict, identity: Identity, seeds: tuple[int, ...]) -> None:
+    """One line when the report will count finished runs of seeds outside this run's (`--seeds`
+    adds seeds) that no longer stand for what would run now: they are kept, not trained again."""
+    variants = {v.name: v for v in study.variants}
+    unchecked: dict[str, list[int]] = {}
+    for (v, s), run in latest.items():
+        if v in variants and s is not None and int(s) not in seeds:
+            why = identity.why_not(run, variants[v], int(s))
+            if why:
+                unchecked.setdefault(why, []).append(int(s))
+    for why, stale in unchecked.items():
+        listed = " ".join(map(str, sorted(set(stale))))
+        print(f"study {study.name}: the report also counts {len(stale)} earlier run(s) of seeds {listed}, kept as they "
+              f"ran although {why}; `--seeds {listed}` trains them again", flush=True)
 
 
 # What a queued experiment runs: `dvc exp run --queue` takes tracked files as they are in the
