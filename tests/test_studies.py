@@ -405,6 +405,10 @@ def test_a_finished_run_stands_for_a_variant_only_with_the_same_params_and_code(
         "its run was trained from uncommitted code"
     assert identity.why_not(recorded(params, commit="f" * 40), variant, 0).startswith("its commit ffffffffffff is not")
     (project / "README.md").write_text("not code\n")
+    report = project / "src/ctclab/report.py"  # code no stage depends on: no result changes
+    report.write_text(report.read_text() + "\n# a change\n")
+    commit(project, "a report change")
+    assert studies.Identity(loaded, project, smoke=True).why_not(recorded(params), variant, 0) is None
     metrics = project / "src/ctclab/metrics.py"
     metrics.write_text(metrics.read_text() + "\n# a change\n")
     commit(project, "a code change")

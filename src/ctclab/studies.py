@@ -196,10 +196,12 @@ def finished(child: tracking.RunRecord, metric: str) -> bool:
 class Identity:
     """What a variant × seed would run now, to tell whether a finished run stands for it: the same
     resolved params (every key a stage of dvc.yaml depends on, study.* aside) and the same code
-    (src/, pipeline/, dvc.yaml unchanged since the run's commit, which was clean). The data follows
-    from both: it is made by fetch and preprocess from those params and that code."""
+    (dvc.yaml and every file of src/ and pipeline/ a stage depends on unchanged since the run's
+    commit, which was clean). The data follows from both: it is made by fetch and preprocess from
+    those params and that code. Code no stage depends on (reports, the study runner) changes no
+    result, as DVC's run cache agrees, so it sends nothing back to train."""
 
-    CODE = ("src", "pipeline", "dvc.yaml")
+    CODE_FOLDERS = ("src/", "pipeline/")
     # what a queued DVC experiment changes in its copy of the commit: params.yaml (its -S values,
     # compared as params) and DVC's own record
     EXPERIMENT_EDITS = {"params.yaml", "dvc.lock"}
@@ -209,6 +211,9 @@ class Identity:
         self.base = config.load_params(root / "params.yaml")
         # study.* differs between children by design; submit.* decides only the upload, not a dev score
         self.keys = {k for k in stage_params(root) if not k.startswith(("study", "submit"))}
+        dvc_yaml = config.load_yaml((root / "dvc.yaml").read_text())  # readable: stage_params read it
+        self.code = sorted({d for stage in dvc_yaml["stages"].values() for d in stage.get("deps", [])
+                            if d.startswith(self.CODE_FOLDERS)}) + ["dvc.yaml"]
         self._same_code: dict[str, str | None] = {}
 
     def params(self, variant: Variant, seed: int) -> dict[str, str]:
@@ -229,7 +234,7 @@ class Identity:
 
     def _code_changed(self, commit: str) -> str | None:
         if commit not in self._same_code:
-            r = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *self.CODE], cwd=self.root,
+            r = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *self.code], cwd=self.root,
                                capture_output=True, text=True)
             changed = r.stdout.split()
             self._same_code[commit] = (f"its commit {commit[:12]} is not in this repository" if r.returncode or not commit
