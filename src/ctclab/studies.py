@@ -254,8 +254,10 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
     names = [study.exp_name(v, s, smoke) for v in study.variants for s in seeds]
     in_queue = {n for n, state in queue_states(root, names)[0].items() if state in ("Queued", "Running")}
     queued, skipped = [], []
-    for v in study.variants:
-        for s in seeds:
+    # seed by seed (DVC's queue runs in order): a study stopped midway leaves whole seeds, every
+    # variant paired with its baseline, and its report loses nothing
+    for s in seeds:
+        for v in study.variants:
             name = study.exp_name(v, s, smoke)
             done = latest.get((v.name, str(s)))
             stale = identity.why_not(done, v, s) if done is not None else None
