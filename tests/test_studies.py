@@ -318,6 +318,12 @@ def test_shipped_studies_load_and_smoke_sizes_are_small():
         assert s.smoke.params["train.epochs"] == 1 and s.smoke.params["data.synthetic.train"] <= 32, path
 
 
+def test_a_study_queues_seed_by_seed_so_a_stopped_one_leaves_whole_seeds():
+    s = studies.load(REPO / "experiments/dropout_placement.yaml", REPO / "params.yaml")
+    order = [(v.name, seed) for v, seed in s.runs((5, 6))]
+    assert order[:5] == [(v.name, 5) for v in s.variants] and order[5:] == [(v.name, 6) for v in s.variants]
+
+
 def test_paired_interval_and_verdicts():
     assert report.paired([0.5]) is None
     m, lo, hi = report.paired([-1.0, -1.2, -0.9, -1.1])

@@ -105,6 +105,11 @@ class Study(_Strict):
         so that a variant training longer (train.epochs) still smokes in one epoch."""
         return {**self.base, **variant.params, **(self.smoke.params if smoke else {}), "train.seed": seed}
 
+    def runs(self, seeds: tuple[int, ...]) -> list[tuple[Variant, int]]:
+        """Every variant × seed, in the order they are queued (and DVC's queue runs them): seed by
+        seed, so a study stopped midway leaves whole seeds, each variant paired with its baseline."""
+        return [(v, s) for s in seeds for v in self.variants]
+
     def exp_name(self, variant: Variant, seed: int, smoke: bool) -> str:
         return f"{self.name}-{variant.name}-s{seed}" + ("-smoke" if smoke else "")
 
@@ -251,30 +256,27 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
               for c in sorted(parent.children(), key=lambda c: c.start_time) if finished(c, study.metric)}
     identity = Identity(study, root, smoke)
     _say_unchecked(study, latest, identity, seeds)
-    names = [study.exp_name(v, s, smoke) for v in study.variants for s in seeds]
+    names = [study.exp_name(v, s, smoke) for v, s in study.runs(seeds)]
     in_queue = {n for n, state in queue_states(root, names)[0].items() if state in ("Queued", "Running")}
     queued, skipped = [], []
-    # seed by seed (DVC's queue runs in order): a study stopped midway leaves whole seeds, every
-    # variant paired with its baseline, and its report loses nothing
-    for s in seeds:
-        for v in study.variants:
-            name = study.exp_name(v, s, smoke)
-            done = latest.get((v.name, str(s)))
-            stale = identity.why_not(done, v, s) if done is not None else None
-            if done is not None and stale is None:
-                skipped.append(name)
-                continue
-            if stale:
-                print(f"study {study.name}: {v.name} seed {s} runs again: {stale}", flush=True)
-            if name in in_queue:
-                queued.append(name)
-                continue
-            _dvc(root, "exp", "remove", name, check=False)  # a failed earlier attempt keeps the name
-            overrides = {**study.overrides(v, s, smoke), "study.name": study.name, "study.variant": v.name,
-                         "study.parent_run_id": parent.run_id}
-            sets = [a for k, val in overrides.items() for a in ("-S", f"{k}={_yaml_value(val)}")]
-            _dvc(root, "exp", "run", "--queue", "-n", name, *sets)
+    for v, s in study.runs(seeds):
+        name = study.exp_name(v, s, smoke)
+        done = latest.get((v.name, str(s)))
+        stale = identity.why_not(done, v, s) if done is not None else None
+        if done is not None and stale is None:
+            skipped.append(name)
+            continue
+        if stale:
+            print(f"study {study.name}: {v.name} seed {s} runs again: {stale}", flush=True)
+        if name in in_queue:
             queued.append(name)
+            continue
+        _dvc(root, "exp", "remove", name, check=False)  # a failed earlier attempt keeps the name
+        overrides = {**study.overrides(v, s, smoke), "study.name": study.name, "study.variant": v.name,
+                     "study.parent_run_id": parent.run_id}
+        sets = [a for k, val in overrides.items() for a in ("-S", f"{k}={_yaml_value(val)}")]
+        _dvc(root, "exp", "run", "--queue", "-n", name, *sets)
+        queued.append(name)
     return queued, skipped
 
 
@@ -335,7 +337,7 @@ def run_study(study: Study, root: Path, jobs: int = 1, seeds: tuple[int, ...] | 
     except KeyboardInterrupt:
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:  # ending the queue must not itself be cut short
-            stop_queue(root, [study.exp_name(v, s, smoke) for v in study.variants for s in seeds])
+            stop_queue(root, [study.exp_name(v, s, smoke) for v, s in study.runs(seeds)])
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
