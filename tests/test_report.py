@@ -45,9 +45,9 @@ def test_runs_from_several_commits_are_named_with_their_commit():
         return run(*args, commit=commit * 40)
     by_variant = grouped(STUDY, [at("1", "a", 0, 2.0), at("2", "a", 1, 2.5), at("2", "b", 0, 3.0)])
     assert report.code_note(by_variant) == (
-        "Runs come from 2 commits: `111111111111`: a s0; `222222222222`: a s1, b s0. A study re-run without "
-        "`--seeds` trains again every variant × seed whose params or code differ from its checkout's; `--seeds` "
-        "adds seeds and leaves the others as they ran.")
+        "Runs come from 2 commits: `111111111111`: a s0; `222222222222`: a s1, b s0. A study run trains again "
+        "each variant × seed of the seeds it runs (the study file's, or `--seeds`) whose params or code differ "
+        "from its checkout's; runs of other seeds stay as they ran.")
     # seeds added later to every variant (`--seeds 1`): named by seed, not run by run
     added = grouped(STUDY, [at("1", "a", 0, 2.0), at("1", "b", 0, 3.0), at("2", "a", 1, 2.5), at("2", "b", 1, 3.5)])
     assert report.code_note(added).startswith(

@@ -318,7 +318,7 @@ def test_shipped_studies_load_and_smoke_sizes_are_small():
         assert s.smoke.params["train.epochs"] == 1 and s.smoke.params["data.synthetic.train"] <= 32, path
 
 
-def test_a_study_queues_seed_by_seed_so_a_stopped_one_leaves_whole_seeds():
+def test_a_study_queues_seed_by_seed_so_a_stopped_one_leaves_only_the_seed_in_progress_incomplete():
     s = studies.load(REPO / "experiments/dropout_placement.yaml", REPO / "params.yaml")
     order = [(v.name, seed) for v, seed in s.runs((5, 6))]
     assert order[:5] == [(v.name, 5) for v in s.variants] and order[5:] == [(v.name, 6) for v in s.variants]
@@ -422,10 +422,10 @@ def test_a_finished_run_stands_for_a_variant_only_with_the_same_params_and_code(
     assert fresh.why_not(recorded(params), variant, 0) == f"code changed since its commit {head[:12]} (src/ctclab/metrics.py)"
     # `--seeds 1` adds a seed: seed 0's run is kept and counted, and the runner says it is stale
     seed1 = recorded({**params, "train.seed": "1"})
-    studies._say_unchecked(loaded, {("a", "0"): recorded(params), ("a", "1"): seed1}, fresh, (1,))
+    studies._say_unchecked(loaded, {("a", "0"): recorded(params), ("a", "1"): seed1}, fresh, (1,), smoke=True)
     assert capsys.readouterr().out == (
-        f"study s: the report also counts 1 earlier run(s) of seeds 0, kept as they ran although code changed since its "
-        f"commit {head[:12]} (src/ctclab/metrics.py); `--seeds 0` trains them again\n")
+        f"study s: the report also counts 1 earlier run of seed 0, kept as they ran although code changed since its "
+        f"commit {head[:12]} (src/ctclab/metrics.py); `--seeds 0 --smoke` trains them again\n")
     now = run(project, "git", "rev-parse", "HEAD").stdout.strip()
-    studies._say_unchecked(loaded, {("a", "0"): recorded(params, commit=now), ("a", "1"): seed1}, fresh, (1,))
+    studies._say_unchecked(loaded, {("a", "0"): recorded(params, commit=now), ("a", "1"): seed1}, fresh, (1,), True)
     assert capsys.readouterr().out == ""  # seed 0's run is what would run now: nothing to say

@@ -198,9 +198,9 @@ def per_seed(study: Study, by_variant: dict[str, dict[int, StudyRun]]) -> list[s
 
 
 def code_note(by_variant: dict[str, dict[int, StudyRun]]) -> str:
-    """Which commits the runs come from. Several can appear: a re-run study trains a variant × seed
-    again when its params or code differ from the checkout's (ctclab.studies.Identity), but `--seeds`
-    adds seeds and leaves the others as they are, whatever code they ran."""
+    """Which commits the runs come from. Several can appear: a study run trains a variant × seed of
+    the seeds it runs again when its params or code differ from the checkout's (ctclab.studies.
+    Identity), and leaves the runs of other seeds as they are, whatever code they ran."""
     seeds_at: dict[str, dict[str, list[int]]] = {}
     for v, rs in by_variant.items():
         for s, r in sorted(rs.items()):
@@ -209,8 +209,8 @@ def code_note(by_variant: dict[str, dict[int, StudyRun]]) -> str:
         return f"Every run is at commit `{next(iter(seeds_at))}`."
     return (f"Runs come from {len(seeds_at)} commits: " + "; ".join(
         f"`{c}`: {_seeds_of(by_seeds, list(by_variant))}" for c, by_seeds in seeds_at.items())
-        + ". A study re-run without `--seeds` trains again every variant × seed whose params or code differ from "
-        "its checkout's; `--seeds` adds seeds and leaves the others as they ran.")
+        + ". A study run trains again each variant × seed of the seeds it runs (the study file's, or `--seeds`) "
+        "whose params or code differ from its checkout's; runs of other seeds stay as they ran.")
 
 
 def _seeds_of(seeds_by_variant: dict[str, list[int]], variants: list[str]) -> str:

@@ -107,7 +107,8 @@ class Study(_Strict):
 
     def runs(self, seeds: tuple[int, ...]) -> list[tuple[Variant, int]]:
         """Every variant × seed, in the order they are queued (and DVC's queue runs them): seed by
-        seed, so a study stopped midway leaves whole seeds, each variant paired with its baseline."""
+        seed, so a study stopped midway leaves only the seed(s) in progress incomplete, and every
+        finished seed has each variant paired with its baseline."""
         return [(v, s) for s in seeds for v in self.variants]
 
     def exp_name(self, variant: Variant, seed: int, smoke: bool) -> str:
@@ -255,7 +256,7 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
     latest = {(c.tags.get("variant"), c.tags.get("seed")): c
               for c in sorted(parent.children(), key=lambda c: c.start_time) if finished(c, study.metric)}
     identity = Identity(study, root, smoke)
-    _say_unchecked(study, latest, identity, seeds)
+    _say_unchecked(study, latest, identity, seeds, smoke)
     names = [study.exp_name(v, s, smoke) for v, s in study.runs(seeds)]
     in_queue = {n for n, state in queue_states(root, names)[0].items() if state in ("Queued", "Running")}
     queued, skipped = [], []
@@ -280,9 +281,10 @@ def _queue(study: Study, root: Path, seeds: tuple[int, ...], smoke: bool, parent
     return queued, skipped
 
 
-def _say_unchecked(study: Study, latest: dict, identity: Identity, seeds: tuple[int, ...]) -> None:
-    """One line when the report will count finished runs of seeds outside this run's (`--seeds`
-    adds seeds) that no longer stand for what would run now: they are kept, not trained again."""
+def _say_unchecked(study: Study, latest: dict, identity: Identity, seeds: tuple[int, ...], smoke: bool) -> None:
+    """One line per reason when the report will count finished runs of seeds outside this run's
+    (`--seeds` adds seeds) that no longer stand for what would run now: they are kept, not trained
+    again."""
     variants = {v.name: v for v in study.variants}
     unchecked: dict[str, list[int]] = {}
     for (v, s), run in latest.items():
@@ -292,8 +294,9 @@ def _say_unchecked(study: Study, latest: dict, identity: Identity, seeds: tuple[
                 unchecked.setdefault(why, []).append(int(s))
     for why, stale in unchecked.items():
         listed = " ".join(map(str, sorted(set(stale))))
-        print(f"study {study.name}: the report also counts {len(stale)} earlier run(s) of seeds {listed}, kept as they "
-              f"ran although {why}; `--seeds {listed}` trains them again", flush=True)
+        runs = f"{len(stale)} earlier run{'s' * (len(stale) > 1)} of seed{'s' * (len(set(stale)) > 1)} {listed}"
+        print(f"study {study.name}: the report also counts {runs}, kept as they ran although {why}; "
+              f"`--seeds {listed}{' --smoke' * smoke}` trains them again", flush=True)
 
 
 # What a queued experiment runs: `dvc exp run --queue` takes tracked files as they are in the
