@@ -32,7 +32,7 @@ def main() -> None:
     gpu_lease.lease_for_stage(device.type, params.train.distributed.nproc)
     if distributed.wanted(params.train.distributed) and not distributed.is_worker():
         # this script again on every process of this node, under torchrun's launcher
-        distributed.launch(params.train.distributed, device, __file__, sys.argv[1:])
+        distributed.launch(params.train.distributed, __file__, sys.argv[1:])
         return
     with distributed.worker_errors():
         best, run_id = train(params, paths.data, paths.models, paths.metrics)

@@ -131,7 +131,8 @@ def test_study_parent_and_child_runs(tmp_path, store):
                             parent.run_id) as run:
         for epoch, v, seconds, share in ((1, 5.0, 10.0, 1.0), (2, 3.0, 30.0, 0.5)):
             run.log_metrics({"dev_lev_greedy": v, "epoch_seconds": seconds, "cpu_share": share}, step=epoch)
-    assert store.train_cpu_share(run.run_id) == (10 * 1.0 + 30 * 0.5) / 40  # weighted by the epochs' seconds
+    # the share weighted by the epochs' seconds
+    assert store.train_timing(run.run_id) == {"train_seconds": 40.0, "train_cpu_share": (10 * 1.0 + 30 * 0.5) / 40}
     assert study_runs.is_child(store, run.run_id, parent.run_id, labels)
     assert not study_runs.is_child(store, run.run_id, parent.run_id, {**labels, "variant": "off"})
     [own] = parent.children()

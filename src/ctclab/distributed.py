@@ -52,12 +52,11 @@ def torchrun_args(cfg: DistributedConfig, script: str, script_args: list[str]) -
     return [*args, script, *script_args]
 
 
-def launch(cfg: DistributedConfig, device: torch.device, script: str, script_args: list[str] | None = None) -> None:
+def launch(cfg: DistributedConfig, script: str, script_args: list[str] | None = None) -> None:
     """Run `script` on cfg.nproc processes of this node through torchrun's launcher; returns when
-    all succeeded. A failure raises one CtclabError naming the first failed rank and its message."""
-    if device.type == "cuda" and cfg.nproc > torch.cuda.device_count():
-        raise CtclabError(f"params.yaml: train.distributed.nproc = {cfg.nproc}, but this node has "
-                          f"{torch.cuda.device_count()} CUDA device(s); expected at most that many processes")
+    all succeeded. A failure raises one CtclabError naming the first failed rank and its message.
+    On CUDA the caller has leased cfg.nproc GPUs first (ctclab.gpu_lease, which refuses more
+    processes than GPUs in one line), and the workers see only those."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

@@ -111,10 +111,9 @@ class TrainSummary:
         return cls(len(history), best.epoch, best.dev_lev_greedy, best.dev_per, best.dev_loss,
                    history[-1].train_loss, parameters, infeasible["train"], infeasible["dev"])
 
-    def tracked(self, train_seconds: float, cpu_share: float) -> dict[str, float]:
-        """What MLflow gets of it when the training ends."""
-        return {BEST: self.dev_lev_greedy, **self.model_metadata(), TRAIN_SECONDS: train_seconds,
-                TRAIN_CPU_SHARE: cpu_share}
+    def tracked(self, timing: dict[str, float]) -> dict[str, float]:
+        """What MLflow gets of it when the training ends (timing: Store.train_timing's)."""
+        return {BEST: self.dev_lev_greedy, **self.model_metadata(), **timing}
 
     def model_metadata(self) -> dict[str, int]:
         """What the logged MLflow model records of the training that chose it."""

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .results import CURVES, TRAIN_CPU_SHARE, TRAIN_SECONDS
+from .results import CURVES
 from .tracking import RunRecord, Store
 
 PARENT_TAG = "ctclab_study_parent"
@@ -89,8 +89,7 @@ def log_child(store: Store, training_run_id: str, parent_run_id: str, labels: di
     child = store.create_run(store.record(parent_run_id).experiment_id, f"{labels['variant']}-s{labels['seed']}", tags)
     child.log_params({**training.params, **extra_params})
     store.copy_history(training_run_id, child.run_id, CURVES)
-    child.log_metrics({**metrics, TRAIN_SECONDS: store.train_seconds(training_run_id),
-                       TRAIN_CPU_SHARE: store.train_cpu_share(training_run_id)}, step=0)
+    child.log_metrics({**metrics, **store.train_timing(training_run_id)}, step=0)
     store.copy_inputs(training_run_id, child.run_id)
     for path, text in texts.items():
         child.log_text(text, path)

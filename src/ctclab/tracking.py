@@ -39,7 +39,7 @@ from . import provenance, storage
 from .errors import CtclabError
 from .mlflow_views import VIEW_TAG, address, pipeline_view
 from .project import real_root
-from .results import CPU_SHARE, EPOCH_SECONDS
+from .results import CPU_SHARE, EPOCH_SECONDS, TRAIN_CPU_SHARE, TRAIN_SECONDS
 
 SERVER_TIMEOUT_S = 5  # a server that takes the connection and never answers: the one line comes within 10 s
 # What a tracking server that went away raises (after MLflow's retries, which open_store() shortens).
@@ -300,16 +300,15 @@ class Store:
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
-    def train_seconds(self, run_id: str) -> float:
-        return sum(v for _, v in self.metric_history(run_id, EPOCH_SECONDS))
-
-    def train_cpu_share(self, run_id: str) -> float:
-        """The CPU share over all epochs, each weighted by its seconds (nan for runs from before it
-        was recorded)."""
-        seconds = dict(self.metric_history(run_id, EPOCH_SECONDS))
-        shares = self.metric_history(run_id, CPU_SHARE)
+    def train_timing(self, run_id: str) -> dict[str, float]:
+        """A training's seconds over all its epochs and its CPU share over them, each epoch weighted
+        by its seconds (nan for runs from before the share was recorded)."""
+        epochs = self.metric_history(run_id, EPOCH_SECONDS)
+        seconds, shares = dict(epochs), self.metric_history(run_id, CPU_SHARE)
         total = sum(seconds.get(step, 0.0) for step, _ in shares)
-        return sum(seconds.get(step, 0.0) * share for step, share in shares) / total if total else float("nan")
+        return {TRAIN_SECONDS: sum(v for _, v in epochs),
+                TRAIN_CPU_SHARE: sum(seconds.get(step, 0.0) * share for step, share in shares) / total
+                if total else float("nan")}
 
     def run_text(self, run_id: str, path: str) -> str:
         """A text artifact of a run, or "" when it has none."""

@@ -125,7 +125,7 @@ def write_outputs(history: list[dict], summary: TrainSummary, run: tracking.RunL
         ",".join(str(r[k]) for k in HISTORY_COLUMNS) + "\n" for r in history))
     # evaluate and submit find this run by the checkpoint's bytes (no run id in DVC's outs)
     run.set_tags({"checkpoint_sha256": storage.sha256_file(out_dir / "best.pt")})
-    run.log_metrics(summary.tracked(run.store.train_seconds(run.run_id), run.store.train_cpu_share(run.run_id)))
+    run.log_metrics(summary.tracked(run.store.train_timing(run.run_id)))
     run.log_artifact(out_dir / "best.pt", "checkpoints")
     run.log_artifact(out_dir / "last.pt", "checkpoints")
     best = load_model(out_dir / "best.pt")
