@@ -19,7 +19,7 @@ from ctclab.train import train
 # where the nodes meet, tracking.* and study.* only where and under which name the run is logged.
 PARAMS = ["model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer", "train.weight_decay",
           "train.scheduler", "train.warmup_epochs", "train.grad_clip", "train.seed", "train.device", "train.amp",
-          "train.oom", "train.specaugment", "train.compile", "train.lstm_autocast",
+          "train.oom", "train.specaugment", "train.compile", "train.lstm_autocast", "train.cuda_graphs",
           "train.distributed.nproc", "train.distributed.nnodes"]
 
 

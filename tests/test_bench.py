@@ -81,7 +81,7 @@ def test_gpu_check_rehearses_every_step_on_the_cpu_and_records_each_figure(tmp_p
     assert "skipped" in figures["CUDA tests"][0]
     assert "fetch → submit on cpu" in figures["pipeline at HW3P2 size"][0] and "dev greedy" in figures["pipeline at HW3P2 size"][0]
     assert "process group gloo, world size 1" in figures["DDP under torchrun"][0]
-    assert len(figures["train_speed: "]) == 3  # batch, stride, LSTM under autocast (compile: on the GPU only)
+    assert len(figures["train_speed: "]) == 3  # batch, stride, LSTM under autocast (compile, CUDA graphs: on the GPU only)
     assert not any("FAILED" in l for l in lines), lines
     assert (REPO / "bench" / "RESULTS.md").read_bytes() == committed
     with tarfile.open(tmp_path / "gpu_check_logs.tar.gz") as logs:  # every line's log comes back in one file

@@ -53,6 +53,9 @@ def test_repository_params_load_and_cover_every_key():
     ({"train": {"specaugment": {"time_width": -2}}}, "train.specaugment.time_width = -2, expected at least 0"),
     ({"train": {"distributed": {"nnodes": 2}}}, "train.distributed.rdzv_endpoint = '', expected node 0's host:port when nnodes > 1"),
     ({"train": {"batch_size": 2, "distributed": {"nproc": 4}}}, "train.batch_size = 2, expected at least one utterance per DDP rank (4)"),
+    ({"train": {"cuda_graphs": True, "distributed": {"nproc": 2}}}, "train.cuda_graphs = True, expected false with "
+                                                                     "train.distributed (2 processes)"),
+    ({"train": {"cuda_graphs": True, "compile": True}}, "train.cuda_graphs = True, expected false with train.compile: true"),
     # an architecture has only its own knobs: none to hold at a neutral value for another's sake
     ({"model": {"lstm": {"convnext_blocks": 1}}}, "unknown key model.lstm.convnext_blocks; expected one of hidden, "),
     ({"model": {"convnext": {"dropout": {"lstm": 0.2}}}}, "unknown key model.convnext.dropout.lstm; expected one of "

@@ -108,3 +108,58 @@ def test_killed_cuda_training_resumes_in_the_same_run(tmp_path, processed):
     history = load_checkpoint(project / "models/last.pt")["history"]
     assert [r["epoch"] for r in history] == list(range(1, 41)) and result["epochs"] == 40
     assert not list((project / RESUME_DIR).glob("*.pt"))
+
+
+def _graph_batch(seed: int, frames: int, lengths: list[int]):
+    from ctclab.batching import Batch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(lengths), frames, 13)
+    for k, n in enumerate(lengths):
+        x[k, :n] = torch.randn(n, 13, generator=g)
+    targets = [torch.randint(2, 41, (n // 8,), generator=g) for n in lengths]
+    return Batch(x, torch.tensor(lengths), torch.cat(targets), torch.tensor([len(t) for t in targets]),
+                 [t.tolist() for t in targets])
+
+
+def test_cuda_graphs_replay_what_the_eager_step_computes(monkeypatch):
+    """train.cuda_graphs: the graphed steps (one capture per shape, replays after) compute the same
+    losses and gradients, and leave the same BatchNorm statistics, as eager steps on the same padded
+    batches (in fp32 without TF32, so that only summation order differs)."""
+    import copy
+
+    from ctclab.cuda_graphs import GRAPH_FRAMES
+    from ctclab.trainer import Trainer
+    from project import config
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    eager = build(model_config(hidden=24, embed_dim=16, **{"dropout.embedding": 0.0, "dropout.lstm": 0.0,
+                                                            "dropout.classifier": 0.0}), 13).cuda()
+    graphed = copy.deepcopy(eager)
+    cfg = {"device": "cuda", "amp": "off", "lr": 1e-3}
+    plain = Trainer(eager, config("train", **cfg), torch.device("cuda"), steps_per_epoch=4)
+    graphs = Trainer(graphed, config("train", cuda_graphs=True, **cfg), torch.device("cuda"), steps_per_epoch=4)
+    eager.train(), graphs.net.train()
+    shapes = [(1, 2 * GRAPH_FRAMES, [128, 100, 77]), (2, 2 * GRAPH_FRAMES, [120, 90, 65]),  # capture, replay
+              (3, GRAPH_FRAMES, [64, 40, 33]), (4, 2 * GRAPH_FRAMES, [99, 98, 70])]          # a 2nd shape, the 1st again
+    for seed, frames, lengths in shapes:
+        batch = _graph_batch(seed, frames, lengths)
+        torch.testing.assert_close(graphs.step(batch), plain.step(batch), rtol=1e-4, atol=1e-4)
+        for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+    assert sorted(graphs.net.graphs) == [(3, GRAPH_FRAMES), (3, 2 * GRAPH_FRAMES)]
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)  # running stats: capture's warm-ups undone
+
+
+def test_cuda_graphs_draw_new_dropout_masks_on_every_replay_and_train(tmp_path, processed):
+    from ctclab.cuda_graphs import GraphedModel
+
+    model = build(model_config(hidden=24, embed_dim=16), 13).cuda().train()
+    net = GraphedModel(model, None)
+    batch = _graph_batch(0, 128, [128, 90]).to(torch.device("cuda"))
+    first, second = (net(batch.features, batch.lengths)[0].detach().clone() for _ in range(2))
+    assert not torch.equal(first, second) and len(net.graphs) == 1
+    project = cuda_project(tmp_path, processed, {"train": {"epochs": 2, "cuda_graphs": True}})
+    assert math.isfinite(run_train(project)["final_train_loss"])

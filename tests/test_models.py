@@ -214,3 +214,14 @@ def test_a_name_taken_twice_or_not_an_identifier_is_refused(archs_folder):
         register("conv_lstm", ArchConfig)(Other)
     with pytest.raises(CtclabError, match="model.arch 'arch': expected a lowercase identifier other than arch"):
         register("arch", ArchConfig)
+
+
+def test_cuda_graphs_pad_to_few_shapes_and_leave_the_cpu_step_as_it_is():
+    from ctclab.cuda_graphs import GRAPH_FRAMES, padded_length
+    from ctclab.trainer import Trainer
+    from project import config
+
+    assert [padded_length(n) for n in (1, GRAPH_FRAMES, GRAPH_FRAMES + 1)] == [GRAPH_FRAMES, GRAPH_FRAMES, 2 * GRAPH_FRAMES]
+    model = build(tiny(), 13)
+    trainer = Trainer(model, config("train", cuda_graphs=True, device="cpu"), torch.device("cpu"), steps_per_epoch=1)
+    assert trainer.net is model and not trainer.graphed  # the CPU trains exactly as without it

@@ -121,6 +121,7 @@ class TrainConfig(Section):
     oom: Literal["split", "fail"]  # out of memory: retry the batch as micro-batches, or stop
     compile: bool  # torch.compile what the architecture says fuses well (CTCModel.compile_parts)
     lstm_autocast: bool  # CUDA: BiLSTMs under autocast too (reduced-precision cuDNN); no effect on the CPU
+    cuda_graphs: bool  # CUDA: forward and backward replayed as one graph per batch shape (ctclab.cuda_graphs); no effect on the CPU
     specaugment: SpecAugmentConfig
     distributed: DistributedConfig
 
@@ -129,6 +130,15 @@ class TrainConfig(Section):
         ranks = self.distributed.nproc * self.distributed.nnodes
         if self.batch_size < ranks:
             raise rule_error("batch_size", self.batch_size, f"at least one utterance per DDP rank ({ranks})")
+        return self
+
+    @model_validator(mode="after")
+    def _graphs_alone(self):
+        ranks = self.distributed.nproc * self.distributed.nnodes
+        if self.cuda_graphs and (ranks > 1 or self.compile):
+            other = f"train.distributed ({ranks} processes)" if ranks > 1 else "train.compile: true"
+            raise rule_error("cuda_graphs", True, f"false with {other}: graphs replay one process's "
+                             "eager model (set one of them false)")
         return self
 
     @model_validator(mode="after")

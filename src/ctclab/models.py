@@ -18,7 +18,7 @@ params.yaml's `model.<name>` section sets them) and a CTCModel subclass register
         def forward(self, x, lengths): return log_probs, self.output_lengths(lengths)
 
 Then `dvc exp run -S model.arch=tiny`. Shipped: lstm (A1), convnext (A2), conv_lstm (A3, the
-default) and transformer. The BiLSTM runs packed on CUDA (cuDNN) and unpacked on the CPU, where
+default) and transformer. The BiLSTM runs packed on CUDA (cuDNN; unpacked under train.cuda_graphs) and unpacked on the CPU, where
 backward through packed sequences is far slower; both paths use the same weights and outputs.
 """
 from __future__ import annotations
@@ -88,20 +88,23 @@ class BiLSTM(nn.Module):
         self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True,
                             dropout=dropout if layers > 1 else 0.0)
         self.under_autocast = False  # train.lstm_autocast (set by `recurrence_under_autocast`)
+        self.unpacked = False  # train.cuda_graphs (set by `recurrence_unpacked`)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`lengths` stay on the CPU: packing reads them there, so no host-device wait."""
-        if x.is_cuda:
-            # By default the recurrence runs in fp32 outside autocast: autocast would hand cuDNN fp16
-            # (also under bf16 autocast, where no grad scaler guards it) and mean-reduced CTC gradients
-            # of ~1e-5 at the LSTM can underflow there. It is latency-bound anyway. train.lstm_autocast
-            # keeps it under autocast, to measure what that gains (bench/train_speed.py).
-            with contextlib.nullcontext() if self.under_autocast else torch.autocast("cuda", enabled=False):
-                x = x if self.under_autocast else x.float()
-                packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-                out, _ = self.lstm(packed)
-            return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
-        return self.forward_unpacked(x, lengths)
+        if not x.is_cuda:
+            return self.forward_unpacked(x, lengths)
+        # By default the recurrence runs in fp32 outside autocast: autocast would hand cuDNN fp16
+        # (also under bf16 autocast, where no grad scaler guards it) and mean-reduced CTC gradients
+        # of ~1e-5 at the LSTM can underflow there. It is latency-bound anyway. train.lstm_autocast
+        # keeps it under autocast, to measure what that gains (bench/train_speed.py).
+        with contextlib.nullcontext() if self.under_autocast else torch.autocast("cuda", enabled=False):
+            x = x if self.under_autocast else x.float()
+            if self.unpacked:  # inside a CUDA graph, which cannot read lengths on the host
+                return self.forward_unpacked(x, lengths)
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.lstm(packed)
+        return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
 
     def forward_unpacked(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Each direction of each layer as its own single-layer LSTM over the padded batch; the
@@ -130,6 +133,13 @@ def recurrence_under_autocast(model: nn.Module, on: bool) -> None:
     for module in model.modules():
         if isinstance(module, BiLSTM):
             module.under_autocast = on
+
+
+def recurrence_unpacked(model: nn.Module, on: bool) -> None:
+    """train.cuda_graphs: every BiLSTM of `model` runs unpacked on CUDA too (lengths on the device)."""
+    for module in model.modules():
+        if isinstance(module, BiLSTM):
+            module.unpacked = on
 
 
 class CTCModel(nn.Module):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, models
+from . import checkpoint, cuda_graphs, distributed, models
 from .batching import Batch, loader, spec_augment
 from .config import TrainConfig
 from .data import Shard
@@ -88,10 +88,12 @@ class Trainer:
                  group: distributed.Group = distributed.SINGLE):
         self.model, self.cfg, self.device, self.group = model, cfg, device, group
         models.recurrence_under_autocast(model, cfg.lstm_autocast)
-        self.net = group.wrap(model, device)  # what the steps call: the model, or its DDP wrapper
+        self.dtype = amp_dtype(device, cfg.amp)
+        # what the steps call: the model, its DDP wrapper, or its CUDA graphs (train.cuda_graphs)
+        self.graphed = cfg.cuda_graphs and device.type == "cuda"
+        self.net = cuda_graphs.GraphedModel(model, self.dtype) if self.graphed else group.wrap(model, device)
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, steps_per_epoch)
-        self.dtype = amp_dtype(device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.ctc = nn.CTCLoss(blank=0, reduction="mean", zero_infinity=False)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed)
@@ -196,9 +198,12 @@ class Trainer:
 
     def _loader(self, shard: Shard, batches: list[np.ndarray]):
         """This rank's share of each batch; under DDP every share is padded to its batch's longest
-        utterance, so that each process computes what one process would."""
+        utterance, so that each process computes what one process would; under CUDA graphs every
+        batch to a multiple of cuda_graphs.GRAPH_FRAMES, so that few shapes need a graph."""
         frames = shard.frames()
-        pad_to = [int(frames[b].max()) for b in batches] if self.group.world > 1 else None
+        longest = [int(frames[b].max()) for b in batches]
+        pad_to = [cuda_graphs.padded_length(n) for n in longest] if self.graphed else \
+            longest if self.group.world > 1 else None
         return loader(shard, [self.group.share(b) for b in batches], self.cfg.loader_workers, self.device, pad_to)
 
     def state(self, progress: checkpoint.Progress) -> dict:
