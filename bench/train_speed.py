@@ -154,6 +154,10 @@ def setup(name: str, params, shard, device, args) -> tuple[TimedTrainer, list]:
     trainer = TimedTrainer(model, params.train, device, len(batches[0]))
     if args.warmup:
         trainer.timed_epoch(shard, bucket_batches(frames, size, 0, 99)[:args.warmup], f"{name} warmup")
+    t0 = time.perf_counter()
+    if captured := trainer.prepare(shard, [b for epoch in batches for b in epoch]):  # train.cuda_graphs
+        print(f"{name}: {captured} CUDA graphs captured for the timed epochs' shapes in "
+              f"{time.perf_counter() - t0:.1f} s (once per shape in a training; not timed below)")
     print(f"{name}: A3 {parameter_count(model) / 1e6:.2f} M params; batch {size}; amp {trainer.dtype}; LSTM "
           f"{'under autocast' if params.train.lstm_autocast else 'in fp32'}; "
           f"{'compiled' if params.train.compile else 'CUDA graphs' if trainer.graphed else 'eager'}; "

@@ -7,23 +7,31 @@ a captured pass's kernels with one launch each way.
 
 - Fixed shapes: a graph replays one shape, so the trainer pads each batch to a multiple of
   GRAPH_FRAMES frames (`padded_length`): an epoch's length-bucketed batches then fall into a few
-  dozen shapes [B, T]. The first batch of a shape captures its graph (after make_graphed_callables'
-  three warm-up passes); every later one replays it.
+  dozen shapes [B, T]. Before an epoch's DataLoader starts, the trainer captures every shape of the
+  epoch not captured yet (`capture`, from zero features; make_graphed_callables runs three warm-up
+  passes first): a capture must have the GPU to itself (the loader's pin-memory thread makes CUDA
+  calls), and no step pays for it. A shape too big to capture, a micro-batch after an out-of-memory
+  and evaluation run the model eagerly.
 - Exact where it counts: the BiLSTM runs unpacked on the device (`BiLSTM.forward_unpacked`, each
   direction reads only its own frames; packing would read the lengths on the host, which a graph
   cannot), and CTC runs outside the graph on the exact output lengths, so padding reaches no score.
   BatchNorm's batch statistics see the padded frames, as they see a batch's padding without graphs
   (more of it here: at most GRAPH_FRAMES - 1 frames per batch).
 - Dropout stays random: PyTorch's graph-safe RNG gives every replay new masks.
-- The capture's warm-up passes would move BatchNorm's running statistics: they are put back, so the
-  model has seen each batch once.
-- One memory pool for all graphs: a graph's forward and backward always run back to back, and what
-  must outlive them (the static inputs, outputs and gradients) are live tensors no other capture
-  can take.
+- The capture's passes would move BatchNorm's running statistics: they are put back.
+- Gradients: a graph's backward hands autograd its own static gradient buffers, which become the
+  parameters' `.grad` (with `zero_grad(set_to_none=True)`, as the trainer does: zeroing in place
+  would add each replay's gradients to themselves). So one graph replays once per optimizer step,
+  and the trainer's micro-batches run eagerly.
+- One memory pool for all graphs: a graph may use another's scratch memory, which is safe because
+  nothing a graph leaves behind (outputs, gradients) is read after another graph replays: each step
+  replays one graph's forward and backward, then clips and steps the optimizer.
 
 Not with DDP or train.compile (params.yaml refuses both). Evaluation runs the model itself.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -53,11 +61,12 @@ class _LogProbs(nn.Module):
 
 class GraphedModel:
     """Called like the model in a training step: (features on the device, lengths on the CPU) →
-    (log-probs, output lengths on the CPU)."""
+    (log-probs, output lengths on the CPU); a shape without a graph is captured first."""
 
     def __init__(self, model: models.CTCModel, dtype: torch.dtype | None):
         self.model, self.dtype = model, dtype
         self.graphs: dict[tuple[int, int], nn.Module] = {}
+        self.too_big: set[tuple[int, int]] = set()  # out of memory while capturing: these run eagerly
         self.pool = torch.cuda.graph_pool_handle()
         models.recurrence_unpacked(model, True)
 
@@ -65,21 +74,33 @@ class GraphedModel:
         self.model.train(mode)
         return self
 
-    def __call__(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        on_device = lengths.to(features.device)
-        shape = (features.shape[0], features.shape[1])
-        graphed = self.graphs.get(shape) or self._capture(shape, features, on_device)
-        return graphed(features, on_device), self.model.output_lengths(lengths)
+    def capture(self, shapes: Iterable[tuple[int, int]], feature_dim: int) -> int:
+        """A graph for every shape [B, T] not captured yet, from zero features; how many were new."""
+        device = next(self.model.parameters()).device
+        new = sorted(set(shapes) - set(self.graphs) - self.too_big)
+        for batch, frames in new:
+            self._capture((batch, frames), torch.zeros(batch, frames, feature_dim, device=device),
+                          torch.full((batch,), frames, device=device))
+        return len(new)
 
-    def _capture(self, shape: tuple[int, int], features: torch.Tensor, lengths: torch.Tensor) -> nn.Module:
+    def __call__(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (features.shape[0], features.shape[1])
+        if self.model.training and shape not in self.graphs and shape not in self.too_big:
+            self._capture(shape, features.clone(), lengths.to(features.device))
+        if not self.model.training or shape not in self.graphs:
+            return self.model(features, lengths)
+        return self.graphs[shape](features, lengths.to(features.device)), self.model.output_lengths(lengths)
+
+    def _capture(self, shape: tuple[int, int], features: torch.Tensor, lengths: torch.Tensor) -> None:
         kept = [b.detach().clone() for b in self.model.buffers()]
         try:
             # autocast's weight cache would outlive the capture (make_graphed_callables refuses it)
             with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
-                graphed = torch.cuda.make_graphed_callables(_LogProbs(self.model), (features.clone(), lengths.clone()),
-                                                            pool=self.pool)
+                self.graphs[shape] = torch.cuda.make_graphed_callables(_LogProbs(self.model), (features, lengths),
+                                                                       pool=self.pool)
         except torch.OutOfMemoryError:
-            raise
+            self.too_big.add(shape)
+            torch.cuda.empty_cache()
         except RuntimeError as err:  # an operation a graph cannot hold (a host sync, a CPU tensor…)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CtclabError(f"train.cuda_graphs: model.arch {self.model.arch!r} could not be captured as a CUDA "
@@ -89,5 +110,3 @@ class GraphedModel:
             with torch.no_grad():
                 for buffer, before in zip(self.model.buffers(), kept):
                     buffer.copy_(before)
-        self.graphs[shape] = graphed
-        return graphed

@@ -106,7 +106,7 @@ class Trainer:
         step on one batch (on the CPU, moved to the device here); the batch's summed loss, float64,
         left on the device. `per_rank`: the global batch's utterances per rank under DDP."""
         batch = spec_augment(batch, self.cfg.specaugment, self.aug_gen).to(self.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)  # to None, not zero: CUDA graphs' .grad are their buffers
         loss_sum = self.gradients(batch, per_rank or len(batch.labels))
         self.scaler.unscale_(self.optimizer)
         nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -125,8 +125,11 @@ class Trainer:
         backward would be a collective."""
         size = n = len(batch.labels)
         while True:
+            # micro-batches run eagerly (self.model): under CUDA graphs each replay would overwrite the
+            # gradient buffers the one before left in .grad, instead of adding to them
+            net = self.net if size == n else self.model
             try:
-                return sum(self._backward(part, len(part.labels) / per_rank).double() * len(part.labels)
+                return sum(self._backward(net, part, len(part.labels) / per_rank).double() * len(part.labels)
                            for part in batch.chunks(size))
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -134,10 +137,11 @@ class Trainer:
                     torch.cuda.empty_cache()
                 size = self._halve_after_oom(batch, size, n)
 
-    def _backward(self, batch: Batch, weight: float) -> torch.Tensor:
-        """Forward, CTC loss and backward of `weight` × the loss (gradients accumulate); the loss."""
+    def _backward(self, net, batch: Batch, weight: float) -> torch.Tensor:
+        """Forward (through `net`), CTC loss and backward of `weight` × the loss (gradients
+        accumulate); the loss."""
         with torch.autocast(batch.features.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            log_probs, out_lengths = self.net(batch.features, batch.lengths)
+            log_probs, out_lengths = net(batch.features, batch.lengths)
         # CTC in float32 whatever autocast chose: log_probs leave the model as float32
         loss = self.ctc(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths)
         self.scaler.scale(loss * weight).backward()
@@ -172,6 +176,7 @@ class Trainer:
             # before it had a generator of its own; dropout masks, and every recorded result, follow it.
             # (A resumed epoch's saved RNG state comes after it.)
             torch.empty((), dtype=torch.int64).random_()
+        self.prepare(shard, batches[start:])
         sync, t0 = SyncPoint(self.group, self.device, len(batches)), time.perf_counter()
         seen, totals = done[1], done
         loss_sum = torch.tensor(done[0], dtype=torch.float64, device=self.device)
@@ -196,15 +201,27 @@ class Trainer:
             totals, _, _ = sync.meet(loss_sum, seen, (False, False))
         return totals[0] / totals[1], totals[1]
 
-    def _loader(self, shard: Shard, batches: list[np.ndarray]):
-        """This rank's share of each batch; under DDP every share is padded to its batch's longest
-        utterance, so that each process computes what one process would; under CUDA graphs every
-        batch to a multiple of cuda_graphs.GRAPH_FRAMES, so that few shapes need a graph."""
+    def prepare(self, shard: Shard, batches: list[np.ndarray]) -> int:
+        """Under train.cuda_graphs, capture a graph for every shape of `batches` not captured yet
+        (epoch does it before its DataLoader starts); how many were new."""
+        if not self.graphed:
+            return 0
+        return self.net.capture(zip(map(len, batches), self._padded_to(shard, batches)), shard.feature_dim)
+
+    def _padded_to(self, shard: Shard, batches: list[np.ndarray]) -> list[int] | None:
+        """The frames each batch is padded to: under DDP its longest utterance's, so that every
+        rank's share computes what one process would; under CUDA graphs the next multiple of
+        cuda_graphs.GRAPH_FRAMES, so that few shapes need a graph; None: as collated."""
+        if not self.graphed and self.group.world == 1:
+            return None
         frames = shard.frames()
         longest = [int(frames[b].max()) for b in batches]
-        pad_to = [cuda_graphs.padded_length(n) for n in longest] if self.graphed else \
-            longest if self.group.world > 1 else None
-        return loader(shard, [self.group.share(b) for b in batches], self.cfg.loader_workers, self.device, pad_to)
+        return [cuda_graphs.padded_length(n) for n in longest] if self.graphed else longest
+
+    def _loader(self, shard: Shard, batches: list[np.ndarray]):
+        """This rank's share of each batch, padded as _padded_to says."""
+        return loader(shard, [self.group.share(b) for b in batches], self.cfg.loader_workers, self.device,
+                      self._padded_to(shard, batches))
 
     def state(self, progress: checkpoint.Progress) -> dict:
         """The training's state; under DDP with every rank's RNG states (a collective: all ranks call it)."""
