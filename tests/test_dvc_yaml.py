@@ -11,40 +11,10 @@ import yaml
 
 from ctclab.config import flatten
 from ctclab.project import command_paths
+from code_imports import PACKAGE, import_closure
 from project import DEFAULTS, REPO
 
-PACKAGE = REPO / "src" / "ctclab"
 PIPELINE = REPO / "pipeline"
-
-
-def ctclab_imports(path: Path) -> set[str]:
-    """ctclab modules a file imports (at any depth: lazy imports inside functions count too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ctclab.")}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # from . import x / from .x import y, inside the package
-                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif node.module == "ctclab":
-                found |= {a.name for a in node.names}
-            elif node.module and node.module.startswith("ctclab."):
-                found.add(node.module.split(".")[1])
-    return {m for m in found if (PACKAGE / f"{m}.py").is_file() or (PACKAGE / m / "__init__.py").is_file()}
-
-
-def import_closure(script: Path) -> set[str]:
-    """ctclab modules a script runs. A subpackage (archs, decoders) is a folder of plug-ins its
-    registry imports whole at run time: it stands for every module there, and what they import."""
-    seen, todo = set(), list(ctclab_imports(script))
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            folder = PACKAGE / m
-            files = sorted(folder.glob("*.py")) if folder.is_dir() else [PACKAGE / f"{m}.py"]
-            todo += [i for f in files for i in ctclab_imports(f)]
-    return seen
 
 
 def dep_path(module: str) -> str:
