@@ -173,6 +173,13 @@ def test_a_broken_runs_table_is_named_in_one_line(tmp_path, edit, message):
 COMMITTED = sorted((ROOT / "experiments/reports").glob("*.runs.csv"))
 
 
+def test_every_committed_study_report_has_its_runs_table():
+    """A reviewer with only a clone recomputes a default-size report from its table (smoke reports,
+    made by the tests' tiny studies, need none)."""
+    reports = sorted(p for p in (ROOT / "experiments/reports").glob("*.md") if not p.stem.endswith("-smoke"))
+    assert reports and [p.stem for p in reports if not p.with_suffix(".runs.csv").is_file()] == []
+
+
 @pytest.mark.parametrize("table", COMMITTED, ids=[t.name for t in COMMITTED])
 def test_every_committed_runs_table_regenerates_its_report_byte_for_byte(table):
     stem = table.name.removesuffix(".runs.csv")
