@@ -30,9 +30,7 @@ def import_closure(script: Path) -> set[str]:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
-            folder = PACKAGE / m
-            files = sorted(folder.glob("*.py")) if folder.is_dir() else [PACKAGE / f"{m}.py"]
-            todo += [i for f in files for i in ctclab_imports(f)]
+            todo += [i for f in module_files(m) for i in ctclab_imports(f)]
     return seen
 
 
